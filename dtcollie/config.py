@@ -1,0 +1,295 @@
+"""Job configuration: one dataclass per TOML section, keys equal to field names.
+
+`load(path, overrides)` reads a TOML file, applies command-line overrides (`--section.key=value` or
+`--section.key value`, later wins) and checks every key, type and value. Every problem is a
+`ConfigError` with a one-line message naming the key and what is allowed.
+"""
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from dtcollie.errors import ConfigError
+
+
+def option(default, doc: str, choices: tuple = (), minimum=None):
+    """A config field with its one-line doc, allowed choices and lower bound (inclusive)."""
+    meta = {"doc": doc, "choices": choices, "minimum": minimum}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Job:
+    dump_folder: str = option("./outputs/debug", "run folder: config.toml, metrics.jsonl, tb/, checkpoints/")
+    seed: int = option(42, "seed for weights, data order and dropout-free sampling", minimum=0)
+
+
+@dataclass
+class Model:
+    flavor: str = option("debug", "named model shape (see dtcollie.models.llama.FLAVORS)")
+    args_path: str = option("", "model_args.json (from convert_hf_to_dcp) or HF config.json; overrides flavor")
+    attention: str = option("sdpa", "attention kernel: sdpa (any device) or flash (flash-attn, CUDA)",
+                            choices=("sdpa", "flash"))
+
+
+@dataclass
+class Parallelism:
+    """Filled by the 3D-parallelism work; no keys yet."""
+
+
+@dataclass
+class Training:
+    steps: int = option(200, "optimizer steps to run", minimum=1)
+    global_batch_size: int = option(8, "sequences per optimizer step, over all data-parallel ranks", minimum=1)
+    micro_batch_size: int = option(8, "sequences per forward per data-parallel rank; accumulation is derived",
+                                   minimum=1)
+    seq_len: int = option(128, "tokens per training sequence", minimum=2)
+    max_norm: float = option(1.0, "clip gradients to this global L2 norm; 0 disables clipping", minimum=0.0)
+    mixed_precision: str = option("bf16", "bf16 autocast with fp32 master weights, or plain fp32",
+                                  choices=("bf16", "fp32"))
+    eval_interval: int = option(50, "validate every this many steps and at the end; 0 disables", minimum=0)
+    eval_steps: int = option(4, "validation batches per evaluation", minimum=1)
+    device: str = option("auto", "auto picks CUDA when available, else CPU", choices=("auto", "cpu", "cuda"))
+
+
+@dataclass
+class Optimizer:
+    name: str = option("adamw", "optimizer", choices=("adamw",))
+    lr: float = option(3e-4, "peak learning rate", minimum=0.0)
+    beta1: float = option(0.9, "first-moment decay", minimum=0.0)
+    beta2: float = option(0.95, "second-moment decay", minimum=0.0)
+    eps: float = option(1e-8, "denominator epsilon", minimum=0.0)
+    weight_decay: float = option(0.1, "decoupled weight decay on matrices (not norms)", minimum=0.0)
+    implementation: str = option("auto", "AdamW kernel: auto (fused on CUDA, foreach on CPU), fused, foreach, "
+                                 "for-loop", choices=("auto", "fused", "foreach", "for-loop"))
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = option(20, "linear warmup steps from 0 to optimizer.lr", minimum=0)
+    decay_type: str = option("cosine", "decay after warmup down to min_lr at the last step",
+                             choices=("cosine", "linear", "constant"))
+    min_lr: float = option(3e-5, "learning rate at the last step (must not exceed optimizer.lr)", minimum=0.0)
+
+
+@dataclass
+class Data:
+    tokenizer: str = option("dtcollie/assets/tokenizer", "folder with tokenizer.json")
+    kind: str = option("pretrain", "pretrain: packed text; sft: input/output pairs, loss on outputs",
+                       choices=("pretrain", "sft"))
+    train_files: list = option(["dtcollie/assets/text/*.txt"], "files or globs (.txt, .jsonl)")
+    val_files: list = option([], "validation files or globs; empty: hold out val_fraction of train documents")
+    val_fraction: float = option(0.02, "documents held out for validation when val_files is empty",
+                                 minimum=0.0)
+    text_field: str = option("text", "jsonl field with the document text (pretrain)")
+    input_field: str = option("input", "jsonl field with the prompt (sft)")
+    output_field: str = option("output", "jsonl field with the answer (sft)")
+    sft_packing: bool = option(False, "sft: pack several examples per sequence instead of padding each")
+    skip_bad_lines: bool = option(False, "skip malformed jsonl lines (and log their count) instead of failing")
+    num_workers: int = option(0, "data-loader worker processes", minimum=0)
+
+
+@dataclass
+class Checkpoint:
+    initial_load_path: str = option("", "DCP folder with model weights to start from (convert_hf_to_dcp output)")
+
+
+@dataclass
+class Metrics:
+    log_freq: int = option(10, "console line and metrics record every this many steps", minimum=1)
+    enable_tensorboard: bool = option(True, "write TensorBoard events under <dump_folder>/tb/")
+
+
+@dataclass
+class Peft:
+    """Filled by the LoRA work; no keys yet."""
+
+
+@dataclass
+class ActivationCheckpoint:
+    """Filled by the 3D-parallelism work; no keys yet."""
+
+
+@dataclass
+class Compile:
+    enable: bool = option(False, "torch.compile each transformer block")
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    training: Training = field(default_factory=Training)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    data: Data = field(default_factory=Data)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    metrics: Metrics = field(default_factory=Metrics)
+    peft: Peft = field(default_factory=Peft)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
+
+
+def _suggest(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean {close[0]}?" if close else f"; known: {', '.join(sorted(known))}"
+
+
+def _section_fields(section) -> dict:
+    return {f.name: f for f in dataclasses.fields(section)}
+
+
+def _coerce(key: str, value: Any, kind: type):
+    """Check `value` against the field type, returning it (ints widen to float)."""
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        expected = "a list of strings" if kind is list else kind.__name__
+        raise ConfigError(f"{key} must be {expected}, got {value!r}")
+    return value
+
+
+def _parse_cli_value(text: str, kind: type):
+    """Read a command-line value: TOML literal syntax, or a bare string / comma list."""
+    if kind is str:
+        return text
+    if kind is list and not text.startswith("["):
+        return [part for part in text.split(",") if part]
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set(config: JobConfig, dotted: str, value, from_cli: bool) -> None:
+    section_name, _, key = dotted.partition(".")
+    sections = _section_fields(config)
+    if section_name not in sections:
+        raise ConfigError(f"unknown section [{section_name}]{_suggest(section_name, sections)}")
+    section = getattr(config, section_name)
+    fields = _section_fields(section)
+    if key not in fields:
+        known = [f"{section_name}.{k}" for k in fields] or ["(none: this section has no keys yet)"]
+        raise ConfigError(f"unknown key {dotted}{_suggest(dotted, known)}")
+    kind = get_type_hints(type(section))[key]
+    if from_cli:
+        value = _parse_cli_value(value, kind)
+    setattr(section, key, _coerce(dotted, value, kind))
+
+
+def _check_values(config: JobConfig) -> None:
+    for section_name in _section_fields(config):
+        section = getattr(config, section_name)
+        for f in dataclasses.fields(section):
+            value, key = getattr(section, f.name), f"{section_name}.{f.name}"
+            choices, minimum = f.metadata["choices"], f.metadata["minimum"]
+            if choices and value not in choices:
+                raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {', '.join(choices)}")
+            if minimum is not None and (value < minimum or (isinstance(value, float) and math.isnan(value))):
+                raise ConfigError(f"{key} = {value!r} is too small; it must be >= {minimum}")
+    training, scheduler = config.training, config.lr_scheduler
+    if config.lr_scheduler.min_lr > config.optimizer.lr:
+        raise ConfigError(f"lr_scheduler.min_lr = {scheduler.min_lr} exceeds optimizer.lr = {config.optimizer.lr}")
+    if training.global_batch_size % training.micro_batch_size:
+        raise ConfigError(f"training.global_batch_size = {training.global_batch_size} is not a multiple of "
+                          f"training.micro_batch_size = {training.micro_batch_size}")
+    if not 0.0 <= config.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction = {config.data.val_fraction} must be in [0, 1)")
+
+
+def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
+    """Split `--config F --a.b=v --c.d v` into the config path and (key, value) overrides."""
+    config_path, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; use --config FILE and --section.key value")
+        name, has_value, value = arg[2:].partition("=")
+        if not has_value:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{arg} needs a value")
+            value, i = argv[i + 1], i + 1
+        if name == "config":
+            config_path = value
+        elif "." in name:
+            overrides.append((name, value))
+        else:
+            raise ConfigError(f"unknown option --{name}; use --config FILE or --section.key value")
+        i += 1
+    return config_path, overrides
+
+
+def load(path: str | None = None, overrides: list[tuple[str, str]] = ()) -> JobConfig:
+    """Defaults, then the TOML file, then command-line overrides; checked."""
+    config = JobConfig()
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        for section_name, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"top-level key {section_name} in {path} must be a [section]")
+            if section_name not in _section_fields(config):
+                raise ConfigError(f"unknown section [{section_name}] in {path}"
+                                  f"{_suggest(section_name, _section_fields(config))}")
+            for key, value in table.items():
+                _set(config, f"{section_name}.{key}", value, False)
+    for dotted, value in overrides:
+        _set(config, dotted, value, True)
+    _check_values(config)
+    return config
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def to_toml(config: JobConfig) -> str:
+    """The effective config as TOML that `load` reads back to an equal JobConfig."""
+    lines = []
+    for section_name in _section_fields(config):
+        lines.append(f"[{section_name}]")
+        section = getattr(config, section_name)
+        lines += [f"{f.name} = {_toml_value(getattr(section, f.name))}" for f in dataclasses.fields(section)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def reference() -> str:
+    """Every section and key with its default and doc, for --help."""
+    lines = []
+    config = JobConfig()
+    for section_name in _section_fields(config):
+        lines.append(f"[{section_name}]")
+        section = getattr(config, section_name)
+        for f in dataclasses.fields(section):
+            lines.append(f"  {f.name} = {_toml_value(getattr(section, f.name))}    # {f.metadata['doc']}")
+    return "\n".join(lines)

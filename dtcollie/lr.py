@@ -1,0 +1,31 @@
+"""Learning-rate schedule: linear warmup, then cosine, linear or no decay down to `min_lr`."""
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from dtcollie.config import LRScheduler
+
+
+def lr_at(step: int, peak_lr: float, total_steps: int, cfg: LRScheduler) -> float:
+    """Learning rate for optimizer step `step` (1-based): warmup reaches the peak at `warmup_steps`,
+    and decay reaches `min_lr` exactly at `total_steps`."""
+    if step <= cfg.warmup_steps:
+        return peak_lr * step / cfg.warmup_steps
+    if cfg.decay_type == "constant":
+        return peak_lr
+    decay_steps = total_steps - cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    if cfg.decay_type == "linear":
+        return peak_lr - (peak_lr - cfg.min_lr) * progress
+    return cfg.min_lr + (peak_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_lr_scheduler(optimizer: Optimizer, peak_lr: float, total_steps: int, cfg: LRScheduler) -> LambdaLR:
+    """A LambdaLR (so its state checkpoints like any torch scheduler) stepped once per optimizer step.
+
+    LambdaLR evaluates its factor at 0 for the first step, hence the +1."""
+    if peak_lr == 0.0:
+        return LambdaLR(optimizer, lambda index: 0.0)
+    return LambdaLR(optimizer, lambda index: lr_at(index + 1, peak_lr, total_steps, cfg) / peak_lr)

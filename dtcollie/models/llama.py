@@ -1,0 +1,238 @@
+"""Llama 2 / 3 decoder in plain PyTorch: the math only, no parallelism.
+
+Parameter names follow Meta's checkpoints (`tok_embeddings`, `layers.N.attention.wq`, ...). Layers
+live in an `nn.ModuleDict` keyed by `str(i)`, and the embedding, final norm and output projection may
+be `None`, so a pipeline stage that keeps a subset of the model keeps the same parameter names.
+RoPE uses the rotate-half layout with cos/sin tables, which is what Hugging Face checkpoints
+expect, so no q/k permutation is needed on conversion. Attention reshapes with `-1` heads so that a
+tensor-parallel plan applied from outside can shard heads across ranks.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+from dtcollie.errors import ConfigError
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int = 0  # 0: dim // n_heads
+    vocab_size: int = 32000  # 0: taken from the tokenizer
+    hidden_dim: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # Llama 3.1 frequency scaling: factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings. Empty: plain RoPE.
+    rope_scaling: dict = field(default_factory=dict)
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    attention: str = "sdpa"  # "sdpa" or "flash"
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+
+LLAMA3_ROPE_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}
+
+FLAVORS = {
+    # Tiny: a training step in well under a second on one CPU core; 8 layers so pipeline tests can
+    # cut it into 2, 4 or 8 stages; GQA so the grouped path is always exercised.
+    "debug": ModelArgs(dim=128, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=0, hidden_dim=384,
+                       max_seq_len=2048),
+    "llama2_7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008),
+    "llama2_13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, hidden_dim=13824),
+    "llama2_70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672),
+    # Llama 3.1 shapes, with its RoPE scaling.
+    "llama3_8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                           hidden_dim=14336, rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE_SCALING),
+                           max_seq_len=8192),
+    "llama3_70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256,
+                            hidden_dim=28672, rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE_SCALING),
+                            max_seq_len=8192),
+}
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies per rotary pair, with Llama 3.1 scaling when configured."""
+    head_dim = args.attention_head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if not args.rope_scaling:
+        return inv_freq
+    scaling = args.rope_scaling
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    in_band = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return torch.where(in_band, smoothed, scaled)
+
+
+def rope_tables(args: ModelArgs, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape [max_seq_len, head_dim] in the rotate-half layout."""
+    inv_freq = rope_frequencies(args).to(device)
+    positions = torch.arange(args.max_seq_len, dtype=torch.float32, device=device)
+    angles = torch.outer(positions, inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [batch, seq, heads, head_dim]; cos/sin: [seq, head_dim]."""
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.head_dim = args.attention_head_dim
+        self.use_flash = args.attention == "flash"
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        # -1 heads: under tensor parallelism each rank holds a slice of the heads.
+        q = self.wq(x).view(batch, seq, -1, self.head_dim)
+        k = self.wk(x).view(batch, seq, -1, self.head_dim)
+        v = self.wv(x).view(batch, seq, -1, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.use_flash:
+            out = flash_attn_func(q, k, v, causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, enable_gqa=True).transpose(1, 2)
+        return self.wo(out.reshape(batch, seq, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        if args.vocab_size <= 0:
+            raise ConfigError("model vocab_size is unset; take it from the tokenizer before building the model")
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(args)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # Moving off the meta device (to_empty) makes new Parameter objects, which unties shared
+        # weights; tie them again so the output projection keeps reading the embedding.
+        super()._apply(fn, recurse)
+        if self.args.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
+            self.output.weight = self.tok_embeddings.weight
+        return self
+
+    def init_rope(self) -> None:
+        """Recompute the RoPE tables, e.g. after `to_empty` from the meta device."""
+        self.rope_cos, self.rope_sin = rope_tables(self.args, device=self.rope_cos.device)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Random initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers)."""
+        self.init_rope()
+        std, depth_std = 0.02, 0.02 / math.sqrt(2 * self.args.n_layers)
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for block in self.layers.values():
+            for name, linear in (("wq", block.attention.wq), ("wk", block.attention.wk), ("wv", block.attention.wv),
+                                 ("wo", block.attention.wo), ("w1", block.feed_forward.w1),
+                                 ("w2", block.feed_forward.w2), ("w3", block.feed_forward.w3)):
+                nn.init.trunc_normal_(linear.weight, std=depth_std if name in ("wo", "w2") else std,
+                                      a=-3 * std, b=3 * std)
+            block.attention_norm.reset_parameters()
+            block.ffn_norm.reset_parameters()
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.output is not None and not self.args.tie_embeddings:
+            out_std = self.args.dim ** -0.5
+            nn.init.trunc_normal_(self.output.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [batch, seq] (or hidden states on a later pipeline stage) -> logits [batch, seq, vocab]."""
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        seq = h.shape[1]
+        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
+
+
+def check_attention(args: ModelArgs, device: torch.device, mixed_precision: str) -> None:
+    """Refuse flash attention where it cannot run, instead of silently falling back."""
+    if args.attention != "flash":
+        return
+    if flash_attn_func is None:
+        raise ConfigError("model.attention = 'flash' needs the flash-attn package: pip install 'dtcollie[gpu]'")
+    if device.type != "cuda":
+        raise ConfigError(f"model.attention = 'flash' needs a CUDA device; this run uses {device.type}")
+    if mixed_precision != "bf16":
+        raise ConfigError("model.attention = 'flash' needs training.mixed_precision = 'bf16'")
+
+
+def count_parameters(model: nn.Module, exclude_embedding: bool = False) -> int:
+    total = sum(p.numel() for p in model.parameters())
+    if exclude_embedding and model.tok_embeddings is not None:
+        total -= model.tok_embeddings.weight.numel()
+    return total
+
+
+def flops_per_token(args: ModelArgs, num_params_no_embedding: int, seq_len: int) -> int:
+    """Training FLOPs per token: 6 per weight (forward + backward) plus attention (PaLM's formula)."""
+    return 6 * num_params_no_embedding + 12 * args.n_layers * args.n_heads * args.attention_head_dim * seq_len
