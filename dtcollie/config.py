@@ -28,7 +28,7 @@ def option(default, doc: str, choices: tuple = (), minimum=None):
 @dataclass
 class Job:
     dump_folder: str = option("./outputs/debug", "run folder: config.toml, metrics.jsonl, tb/, checkpoints/")
-    seed: int = option(42, "seed for weights, data order and dropout-free sampling", minimum=0)
+    seed: int = option(42, "seed for the initial weights and the data order", minimum=0)
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Training:
                                    minimum=1)
     seq_len: int = option(128, "tokens per training sequence", minimum=2)
     max_norm: float = option(1.0, "clip gradients to this global L2 norm; 0 disables clipping", minimum=0.0)
-    mixed_precision: str = option("bf16", "bf16 autocast with fp32 master weights, or plain fp32",
+    mixed_precision: str = option("fp32", "bf16 autocast with fp32 master weights, or plain fp32",
                                   choices=("bf16", "fp32"))
     eval_interval: int = option(50, "validate every this many steps and at the end; 0 disables", minimum=0)
     eval_steps: int = option(4, "validation batches per evaluation", minimum=1)
@@ -62,7 +62,7 @@ class Training:
 @dataclass
 class Optimizer:
     name: str = option("adamw", "optimizer", choices=("adamw",))
-    lr: float = option(3e-4, "peak learning rate", minimum=0.0)
+    lr: float = option(1e-3, "peak learning rate", minimum=0.0)
     beta1: float = option(0.9, "first-moment decay", minimum=0.0)
     beta2: float = option(0.95, "second-moment decay", minimum=0.0)
     eps: float = option(1e-8, "denominator epsilon", minimum=0.0)
@@ -76,7 +76,7 @@ class LRScheduler:
     warmup_steps: int = option(20, "linear warmup steps from 0 to optimizer.lr", minimum=0)
     decay_type: str = option("cosine", "decay after warmup down to min_lr at the last step",
                              choices=("cosine", "linear", "constant"))
-    min_lr: float = option(3e-5, "learning rate at the last step (must not exceed optimizer.lr)", minimum=0.0)
+    min_lr: float = option(1e-4, "learning rate at the last step (must not exceed optimizer.lr)", minimum=0.0)
 
 
 @dataclass

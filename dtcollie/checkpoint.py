@@ -1,0 +1,189 @@
+"""Model weights in torch.distributed.checkpoint (DCP) folders.
+
+The DCP keys are the model's own state_dict keys at the top level; a tied model stores only
+`tok_embeddings.weight`. DCP reshards on load, so one folder loads into a single-process model or a
+DTensor-parallel one, and `copy_` into the target casts, so a bf16 folder loads into an fp32 model.
+
+DCP's `.metadata` file is a pickle. It is read here with an allow-list unpickler, so a crafted
+checkpoint cannot run code; DCP itself reads tensor data with `torch.load(weights_only=True)`, and
+only tensors are ever requested because the keys are checked against the model first.
+"""
+
+import contextlib
+import pickle
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+
+from dtcollie.errors import CheckpointError
+
+METADATA_FILE = ".metadata"
+MAX_LISTED = 5  # mismatched keys named in one error message
+
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+SAFE_METADATA_GLOBALS = {
+    *((_DCP_METADATA, name) for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                          "TensorProperties", "ChunkStorageMetadata", "MetadataIndex",
+                                          "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # maps a layout name such as 'torch.strided' to the layout
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict with a tied output projection left out (it is the embedding).
+
+    A pipeline stage that holds the output but not the embedding keeps `output.weight`: there it is
+    the only copy.
+    """
+    state_dict = model.state_dict()
+    args = getattr(model, "args", None)
+    if getattr(args, "tie_embeddings", False) and "tok_embeddings.weight" in state_dict:
+        state_dict.pop("output.weight", None)
+    return state_dict
+
+
+def check_shapes(found: dict[str, tuple | None], expected: dict[str, tuple], source: str) -> None:
+    """Refuse missing, unexpected or mis-shaped tensors, naming the first few of each.
+
+    `found` maps names to shapes; None marks an entry that is not a tensor.
+    """
+    missing = [name for name in expected if name not in found]
+    unexpected = [name for name in found if name not in expected]
+    wrong = [f"{name} (checkpoint {_shape(found[name])}, model {list(expected[name])})"
+             for name in expected if name in found and _shape(found[name]) != list(expected[name])]
+    problems = [f"{label}: {_first(names)}" for label, names in
+                (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if names]
+    if problems:
+        raise CheckpointError(f"{source} does not match the model; " + "; ".join(problems))
+
+
+def _shape(shape: tuple | None) -> list | str:
+    return "not a tensor" if shape is None else list(shape)
+
+
+def _first(names: list[str]) -> str:
+    more = f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
+    return ", ".join(names[:MAX_LISTED]) + more
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata and nothing else: any other global is refused."""
+
+    def find_class(self, module: str, name: str):
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in SAFE_METADATA_GLOBALS or is_dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """FileSystemReader whose metadata is read with the allow-list unpickler instead of `pickle.load`."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        # Same steps as FileSystemReader.read_metadata, with the unpickler swapped.
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as stream:
+            metadata = _MetadataUnpickler(stream).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def read_checkpoint_metadata(folder: str | Path) -> Metadata:
+    """The DCP metadata of `folder`; a missing or unreadable one is a CheckpointError."""
+    folder = Path(folder)
+    if not (folder / METADATA_FILE).is_file():
+        what = "does not exist" if not folder.exists() else f"has no {METADATA_FILE} (not a DCP checkpoint)"
+        raise CheckpointError(f"checkpoint folder {folder} {what}")
+    try:
+        metadata = SafeFileSystemReader(folder).read_metadata()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {folder / METADATA_FILE} is unreadable: {err}") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"checkpoint {folder / METADATA_FILE} does not hold DCP metadata")
+    return metadata
+
+
+def checkpoint_shapes(metadata: Metadata) -> dict[str, tuple | None]:
+    """Key -> global shape for tensors, None for anything else stored."""
+    return {key: tuple(entry.size) if isinstance(entry, TensorStorageMetadata) else None
+            for key, entry in metadata.state_dict_metadata.items()}
+
+
+@contextlib.contextmanager
+def _single_process_dcp():
+    """DCP warns on every call without a process group; on one process that is the intended use."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is .*single process")
+        yield
+
+
+def _no_dist() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
+def save_model_weights(model_or_state_dict: nn.Module | dict, folder: str | Path) -> None:
+    """Save a model's weights (or a dtcollie-named state dict, as given) as a DCP folder."""
+    if isinstance(model_or_state_dict, nn.Module):
+        state_dict = model_state_dict(model_or_state_dict)
+    else:
+        state_dict = dict(model_or_state_dict)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with _single_process_dcp():
+        dcp.save(state_dict, storage_writer=FileSystemWriter(folder), no_dist=_no_dist())
+
+
+def load_model_weights(model: nn.Module, folder: str | Path) -> None:
+    """Load a DCP folder into `model` in place, after checking keys and shapes match exactly."""
+    metadata = read_checkpoint_metadata(folder)
+    state_dict = model_state_dict(model)
+    check_shapes(checkpoint_shapes(metadata), {name: tuple(t.shape) for name, t in state_dict.items()},
+                 f"checkpoint {folder}")
+    _dcp_load(state_dict, folder)
+
+
+def load_weights_as_stored(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP folder, on CPU, in the dtype it was saved in (for conversion tools)."""
+    metadata = read_checkpoint_metadata(folder)
+    shapes = checkpoint_shapes(metadata)
+    not_tensors = [key for key, shape in shapes.items() if shape is None]
+    if not_tensors:
+        raise CheckpointError(f"checkpoint {folder} holds non-tensor entries: {_first(not_tensors)}")
+    state_dict = {key: torch.empty(entry.size, dtype=entry.properties.dtype)
+                  for key, entry in metadata.state_dict_metadata.items()}
+    _dcp_load(state_dict, folder)
+    return state_dict
+
+
+def _dcp_load(state_dict: dict, folder: str | Path) -> None:
+    with _single_process_dcp():
+        dcp.load(state_dict, storage_reader=SafeFileSystemReader(folder), no_dist=_no_dist())
+
+
+def prepare_output_folder(folder: str | Path, force: bool, patterns: tuple[str, ...]) -> None:
+    """Create `folder`, refusing a non-empty one unless `force`; with `force`, first delete the files
+    matching `patterns` (what the writer itself produces), so no stale shard outlives the overwrite."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"output path {folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        if not force:
+            raise CheckpointError(f"output folder {folder} is not empty; choose a new folder or overwrite "
+                                  f"it with --force")
+        for pattern in patterns:
+            for path in folder.glob(pattern):
+                if path.is_file():
+                    path.unlink()
+    folder.mkdir(parents=True, exist_ok=True)

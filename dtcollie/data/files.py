@@ -1,0 +1,120 @@
+"""Find data files and read them into documents (pretrain) or input/output examples (sft).
+
+Formats:
+- `.txt`: documents are separated by two or more blank lines (a single blank line separates
+  paragraphs inside a document). A file without such a gap is one document.
+- `.jsonl`: one JSON object per line; blank lines are ignored. Pretrain reads `data.text_field`,
+  sft reads `data.input_field` and `data.output_field`; each must be a string.
+
+A malformed jsonl line is a `DataError` naming file and line, unless `skip_bad_lines` is set, in
+which case it is skipped and the count is logged: silently dropping data hides broken exports.
+"""
+
+import glob
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+from dtcollie.errors import DataError
+
+log = logging.getLogger("dtcollie.data")
+
+SUFFIXES = (".txt", ".jsonl")
+_DOC_GAP = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
+
+
+def resolve_files(patterns: list[str], key: str) -> list[str]:
+    """Expand paths and globs (relative to the working directory) in order, without duplicates."""
+    if not patterns:
+        raise DataError(f"{key} is empty; list .txt or .jsonl files or globs there")
+    files = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern, recursive=True))
+        else:
+            matches = [pattern] if os.path.exists(pattern) else []
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise DataError(f"{key} entry {pattern!r} matches no file (working directory {os.getcwd()}); "
+                            f"fix the path or glob in {key}")
+        for path in matches:
+            if Path(path).suffix not in SUFFIXES:
+                raise DataError(f"{path} ({key}) has unsupported extension {Path(path).suffix!r}; "
+                                f"use .txt or .jsonl files")
+            if path not in files:
+                files.append(path)
+    return files
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8") from None
+
+
+def split_txt_documents(text: str) -> list[str]:
+    """Documents of a .txt file: blocks separated by two or more blank lines, stripped, non-empty."""
+    text = text.replace("\r\n", "\n")
+    return [doc.strip() for doc in _DOC_GAP.split(text) if doc.strip()]
+
+
+def read_jsonl(path: str, fields: dict[str, str], skip_bad_lines: bool) -> list[dict[str, str]]:
+    """Rows of `path` with the requested string fields; `fields` maps config key -> field name."""
+    rows, bad = [], 0
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        problem = None
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            problem = f"not valid JSON ({err.msg} at column {err.colno})"
+        else:
+            problem = _field_problem(record, fields)
+        if problem is None:
+            rows.append({name: record[name] for name in fields.values()})
+        elif skip_bad_lines:
+            bad += 1
+        else:
+            raise DataError(f"{path} line {number}: {problem}; fix the line or set data.skip_bad_lines = true")
+    if bad:
+        log.warning("skipped %d malformed lines in %s", bad, path)
+    return rows
+
+
+def _field_problem(record, fields: dict[str, str]) -> str | None:
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    for key, name in fields.items():
+        if name not in record:
+            return f"has no field {name!r} (data.{key})"
+        if not isinstance(record[name], str):
+            return f"field {name!r} must be a string, got {type(record[name]).__name__}"
+    return None
+
+
+def read_documents(files: list[str], text_field: str, skip_bad_lines: bool) -> list[str]:
+    """Pretrain documents from .txt and .jsonl files, in file order."""
+    docs = []
+    for path in files:
+        if path.endswith(".txt"):
+            docs += split_txt_documents(_read_text(path))
+        else:
+            docs += [row[text_field] for row in read_jsonl(path, {"text_field": text_field}, skip_bad_lines)]
+    return docs
+
+
+def read_examples(files: list[str], input_field: str, output_field: str,
+                  skip_bad_lines: bool) -> list[tuple[str, str]]:
+    """SFT (input, output) pairs from .jsonl files, in file order."""
+    examples = []
+    fields = {"input_field": input_field, "output_field": output_field}
+    for path in files:
+        if not path.endswith(".jsonl"):
+            raise DataError(f"{path}: sft data must be .jsonl with {input_field!r}/{output_field!r} fields; "
+                            f"convert it or set data.kind = \"pretrain\"")
+        examples += [(row[input_field], row[output_field]) for row in read_jsonl(path, fields, skip_bad_lines)]
+    return examples

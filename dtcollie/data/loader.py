@@ -1,0 +1,125 @@
+"""`build_dataloader`: files -> tokenized rows in memory -> a resumable, rank-sharded loader.
+
+The data is small enough to tokenize once at start-up and hold as two tensors, which keeps the
+dataset map-style: a map-style dataset plus a stateful sampler is what makes an exact mid-epoch
+resume cheap (the sampler stores a count, not a buffer of pending tokens).
+"""
+
+import logging
+
+import torch
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+from dtcollie.data.files import read_documents, read_examples, resolve_files
+from dtcollie.data.pretrain import pack_documents
+from dtcollie.data.sft import pack_examples, pad_examples, tokenize_examples
+from dtcollie.errors import DataError
+
+log = logging.getLogger("dtcollie.data")
+
+
+class SequenceDataset(Dataset):
+    """Rows of pre-computed input_ids and labels ([N, seq_len] each)."""
+
+    def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        self.input_ids, self.labels = input_ids, labels
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+
+
+class ResumableLoader(StatefulDataLoader):
+    """torchdata's loader, with the sampler's epoch saved in its state as well.
+
+    torchdata's state holds only the position within the epoch; without the epoch a resumed run
+    would replay the order of whatever epoch the new sampler happens to be set to. A state saved
+    after an epoch ran out resumes as a fresh epoch, as the saved loader would have continued:
+    torchdata itself does so only with workers (without, its sampler keeps "all yielded").
+    """
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "epoch": self.sampler.epoch}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        self.sampler.set_epoch(state_dict.pop("epoch", 0))
+        super().load_state_dict({} if state_dict.get("_iterator_finished") else state_dict)
+
+
+def holdout_count(num_items: int, val_fraction: float) -> int:
+    """How many trailing documents/examples form the validation split when no val_files are given."""
+    if val_fraction <= 0 or num_items < 2:
+        return 0
+    return min(num_items - 1, max(1, int(num_items * val_fraction)))
+
+
+def _split_items(data_cfg, split: str, read) -> list:
+    """The documents or examples of `split`, read by `read(files)`."""
+    if data_cfg.val_files:
+        key = "data.train_files" if split == "train" else "data.val_files"
+        return read(resolve_files(data_cfg.train_files if split == "train" else data_cfg.val_files, key))
+    items = read(resolve_files(data_cfg.train_files, "data.train_files"))
+    num_val = holdout_count(len(items), data_cfg.val_fraction)
+    if split == "val" and num_val == 0:
+        raise DataError(f"no validation data: data.val_files is empty and data.val_fraction = {data_cfg.val_fraction} "
+                        f"of {len(items)} documents holds none out; set data.val_files or data.val_fraction, "
+                        f"or training.eval_interval = 0")
+    return items[len(items) - num_val:] if split == "val" else items[: len(items) - num_val]
+
+
+def build_dataset(data_cfg, tokenizer, seq_len: int, split: str) -> SequenceDataset:
+    """All rows of `split` (before sharding), tokenized and packed or padded."""
+    if data_cfg.kind == "pretrain":
+        docs = _split_items(data_cfg, split, lambda files: read_documents(
+            files, data_cfg.text_field, data_cfg.skip_bad_lines))
+        input_ids, labels = pack_documents(tokenizer.encode_batch(docs), tokenizer.eos_id, seq_len, split)
+        log.info("%s: %d documents -> %d sequences of %d tokens", split, len(docs), len(input_ids), seq_len)
+    elif data_cfg.kind == "sft":
+        pairs = _split_items(data_cfg, split, lambda files: read_examples(
+            files, data_cfg.input_field, data_cfg.output_field, data_cfg.skip_bad_lines))
+        examples = tokenize_examples(tokenizer, pairs, seq_len, split)
+        build = pack_examples if data_cfg.sft_packing else pad_examples
+        input_ids, labels = build(examples, tokenizer.pad_id, seq_len)
+        log.info("%s: %d examples -> %d sequences of %d tokens", split, len(examples), len(input_ids), seq_len)
+    else:
+        raise DataError(f"data.kind = {data_cfg.kind!r} is not supported; use pretrain or sft")
+    return SequenceDataset(input_ids, labels)
+
+
+def build_dataloader(data_cfg, tokenizer, seq_len: int, batch_size: int, dp_rank: int, dp_world: int,
+                     split: str, seed: int) -> ResumableLoader:
+    """A loader over this data-parallel rank's share of `split` ("train" or "val").
+
+    Each batch is {"input_ids", "labels"}, LongTensors [batch_size, seq_len]; labels are -100 where
+    there is no loss. Ranks see disjoint rows (a few tail rows are dropped so that every rank gets
+    the same number of full batches). Train is shuffled with `seed` + epoch; val is in file order.
+
+    Epochs: `iter(loader)` runs one epoch; call `loader.sampler.set_epoch(e)` before each to get a
+    new order. Resume: `loader.state_dict()` holds the position within the epoch and the epoch
+    number; a new loader built with the same arguments and given `load_state_dict(state)` yields
+    exactly the batches the old one would have yielded next, with or without workers. After
+    loading, `loader.sampler.epoch` is the epoch to continue (set_epoch with another number would
+    change the order of the rest of it). So a loop of the form
+        for epoch in itertools.count(loader.sampler.epoch):
+            loader.sampler.set_epoch(epoch)
+            for batch in loader: ...
+    resumes exactly, also from a state saved after the last batch of an epoch (the resumed
+    iteration is then empty and the loop moves on) or after the epoch ran out.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    dataset = build_dataset(data_cfg, tokenizer, seq_len, split)
+    per_rank = len(dataset) // dp_world
+    if per_rank < batch_size:
+        raise DataError(f"{split} data gives {len(dataset)} sequences of {seq_len} tokens, fewer than one batch of "
+                        f"{batch_size} on each of {dp_world} data-parallel ranks ({batch_size * dp_world}); add data "
+                        f"or lower training.micro_batch_size or training.seq_len")
+    sampler = StatefulDistributedSampler(dataset, num_replicas=dp_world, rank=dp_rank, shuffle=split == "train",
+                                         seed=seed, drop_last=True)
+    return ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                           num_workers=data_cfg.num_workers)

@@ -1,0 +1,24 @@
+"""Pre-training sequences: documents joined by EOS and cut into fixed-length blocks.
+
+Every document is followed by EOS, so the model learns where text ends and never mistakes two
+documents for one. The token stream is cut into non-overlapping blocks of seq_len + 1 tokens;
+block[:-1] is the input and block[1:] the next-token labels, so no position needs masking.
+The incomplete tail is dropped rather than padded: padding would waste compute on every epoch.
+"""
+
+import torch
+
+from dtcollie.errors import DataError
+
+
+def pack_documents(token_lists: list[list[int]], eos_id: int, seq_len: int, split: str) -> tuple[torch.Tensor,
+                                                                                                   torch.Tensor]:
+    """(input_ids, labels), each [num_blocks, seq_len]; DataError if not even one block fits."""
+    stream = [token for tokens in token_lists for token in (*tokens, eos_id)]
+    block = seq_len + 1
+    num_blocks = len(stream) // block
+    if num_blocks == 0:
+        raise DataError(f"{split} data has {len(stream)} tokens ({len(token_lists)} documents incl. EOS), but one "
+                        f"sequence needs seq_len + 1 = {block}; add data or lower training.seq_len")
+    blocks = torch.tensor(stream[: num_blocks * block], dtype=torch.long).view(num_blocks, block)
+    return blocks[:, :-1].contiguous(), blocks[:, 1:].contiguous()

@@ -1,0 +1,69 @@
+"""Instruction-tuning sequences: loss on the answer only.
+
+An example is encode(input) + encode(output) + [EOS]. As in pre-training, input_ids[t] predicts
+labels[t] = token[t + 1]; a label is kept only where token[t + 1] belongs to the output or is the
+EOS, and is -100 (ignored by cross-entropy) elsewhere, so the model is not trained to produce
+prompts. Input and output are encoded separately so that generation from encode(input) sees
+exactly the tokens the model was trained on.
+
+Padding mode gives each example its own row (truncated to seq_len + 1 tokens, padded with pad_id).
+Packing mode places whole examples one after another in a row until the next does not fit, then
+pads the rest: no example is split, so an answer is never separated from its prompt.
+"""
+
+import logging
+
+import torch
+
+from dtcollie.errors import DataError
+
+log = logging.getLogger("dtcollie.data")
+IGNORE = -100
+
+
+def tokenize_examples(tokenizer, examples: list[tuple[str, str]], seq_len: int,
+                      split: str) -> list[tuple[list[int], list[bool]]]:
+    """(tokens, is_output) per example, truncated to seq_len + 1; examples left with no label dropped."""
+    inputs = tokenizer.encode_batch([inp for inp, _ in examples])
+    outputs = tokenizer.encode_batch([out for _, out in examples])
+    result, dropped = [], 0
+    for inp, out in zip(inputs, outputs):
+        tokens = (inp + out + [tokenizer.eos_id])[: seq_len + 1]
+        is_output = ([False] * len(inp) + [True] * (len(out) + 1))[: seq_len + 1]
+        if not any(is_output[1:]):  # the answer was truncated away: nothing left to learn from
+            dropped += 1
+            continue
+        result.append((tokens, is_output))
+    if dropped:
+        log.warning("dropped %d of %d %s examples whose prompt fills all %d tokens of a sequence",
+                    dropped, len(examples), split, seq_len)
+    if not result:
+        raise DataError(f"{split} data has no usable sft example ({len(examples)} read, {dropped} dropped because the "
+                        f"prompt fills seq_len = {seq_len}); add data or raise training.seq_len")
+    return result
+
+
+def _row(tokens: list[int], is_output: list[bool], pad_id: int, seq_len: int) -> tuple[list[int], list[int]]:
+    """Shift by one and pad to seq_len: input_ids[t] predicts labels[t]."""
+    input_ids = tokens[:-1] + [pad_id] * (seq_len + 1 - len(tokens))
+    labels = [tok if keep else IGNORE for tok, keep in zip(tokens[1:], is_output[1:])]
+    return input_ids, labels + [IGNORE] * (seq_len - len(labels))
+
+
+def pad_examples(examples, pad_id: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One example per row; (input_ids, labels) each [num_examples, seq_len]."""
+    rows = [_row(tokens, mask, pad_id, seq_len) for tokens, mask in examples]
+    return (torch.tensor([r[0] for r in rows], dtype=torch.long),
+            torch.tensor([r[1] for r in rows], dtype=torch.long))
+
+
+def pack_examples(examples, pad_id: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole examples greedily filled into rows of seq_len + 1 tokens, in order."""
+    packed, tokens, mask = [], [], []
+    for ex_tokens, ex_mask in examples:
+        if tokens and len(tokens) + len(ex_tokens) > seq_len + 1:
+            packed.append((tokens, mask))
+            tokens, mask = [], []
+        tokens, mask = tokens + ex_tokens, mask + ex_mask
+    packed.append((tokens, mask))
+    return pad_examples(packed, pad_id, seq_len)

@@ -1,0 +1,117 @@
+"""Tokenizer: train a small byte-level BPE, load any `tokenizer.json` folder.
+
+The trainer needs only encode/decode, the vocabulary size and the EOS/pad ids, so `Tokenizer` wraps
+a `tokenizers.Tokenizer` with exactly that. A folder written by `train_tokenizer` also carries a
+`tokenizer_config.json`, so transformers' `AutoTokenizer` loads it too (for HF export and eval).
+Folders from the HF hub (e.g. Llama 3) load the same way: EOS and pad come from their
+`tokenizer_config.json`; a missing pad token falls back to EOS.
+"""
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from dtcollie.errors import DataError
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+
+
+class Tokenizer:
+    """Text <-> token ids. `encode` adds no special tokens: the datasets place EOS themselves."""
+
+    def __init__(self, backend: BackendTokenizer, eos_token: str, pad_token: str | None, folder: str = ""):
+        self.backend = backend
+        self.folder = folder
+        self.eos_id = self._token_id(eos_token, "eos_token")
+        self.pad_id = self._token_id(pad_token, "pad_token") if pad_token else self.eos_id
+        # max id + 1, not the token count: the embedding table must cover every id even if ids have gaps.
+        self.vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
+
+    def _token_id(self, token: str, name: str) -> int:
+        token_id = self.backend.token_to_id(token)
+        if token_id is None:
+            raise DataError(f"tokenizer {self.folder or '(in memory)'}: {name} {token!r} is not in the vocabulary; "
+                            f"fix tokenizer_config.json or rebuild with tools/build_tokenizer.py")
+        return token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Many texts at once; the Rust side uses all cores, which keeps dataset start-up fast."""
+        return [enc.ids for enc in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)  # lists or tensors
+
+
+def _special_token(config: dict, key: str) -> str | None:
+    """HF configs store a special token either as a string or as {"content": ...}."""
+    value = config.get(key)
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def load_tokenizer(folder: str) -> Tokenizer:
+    """Load `folder/tokenizer.json`; EOS/pad from `folder/tokenizer_config.json` (defaults: ours)."""
+    path = Path(folder)
+    if not (path / "tokenizer.json").is_file():
+        what = "does not exist" if not path.exists() else "has no tokenizer.json"
+        raise DataError(f"tokenizer folder {folder} {what}; set data.tokenizer to a folder with tokenizer.json or "
+                        f"build one with python tools/build_tokenizer.py --out {folder}")
+    try:
+        backend = BackendTokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as err:  # the Rust side raises a bare Exception with the parse error
+        raise DataError(f"tokenizer {path / 'tokenizer.json'} cannot be read ({err}); rebuild it with "
+                        f"tools/build_tokenizer.py") from None
+    config = {}
+    if (path / "tokenizer_config.json").is_file():
+        try:
+            config = json.loads((path / "tokenizer_config.json").read_text())
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path / 'tokenizer_config.json'} is not valid JSON ({err}); fix or delete it") from None
+    eos = _special_token(config, "eos_token") or EOS_TOKEN
+    pad = _special_token(config, "pad_token")
+    if not config and backend.token_to_id(PAD_TOKEN) is not None:  # no config: our own token names
+        pad = PAD_TOKEN
+    return Tokenizer(backend, eos, pad, folder)
+
+
+def train_tokenizer(texts, vocab_size: int, out_dir: str | None = None, min_frequency: int = 2) -> Tokenizer:
+    """Train a GPT-2-style byte-level BPE on `texts` (an iterable of strings), optionally saving it.
+
+    Byte-level means any UTF-8 text encodes without unknown tokens and decodes back exactly. Ids 0
+    and 1 are `<|endoftext|>` (EOS) and `<|pad|>`. Training is deterministic for the same texts.
+    """
+    backend = BackendTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  special_tokens=[EOS_TOKEN, PAD_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer=trainer)
+    if out_dir:
+        save_tokenizer(backend, out_dir)
+    return Tokenizer(backend, EOS_TOKEN, PAD_TOKEN, out_dir or "")
+
+
+def save_tokenizer(backend: BackendTokenizer, out_dir: str) -> None:
+    """Write tokenizer.json plus the tokenizer_config.json that transformers' AutoTokenizer reads."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    backend.save(str(out / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": EOS_TOKEN,
+        "pad_token": PAD_TOKEN,
+        "bos_token": None,
+        "unk_token": None,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1_000_000,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

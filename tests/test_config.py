@@ -1,0 +1,71 @@
+import subprocess
+import sys
+
+import pytest
+
+from dtcollie import config
+from dtcollie.errors import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_precedence_defaults_toml_cli(tmp_path):
+    path = write(tmp_path, "[training]\nsteps = 7\nseq_len = 64\n[optimizer]\nlr = 1e-3\n")
+    cfg = config.load(path, [("training.steps", "9"), ("training.steps", "11"), ("data.train_files", "a.txt,b/*.jsonl")])
+    assert cfg.training.steps == 11  # later CLI wins over earlier CLI and over TOML
+    assert cfg.training.seq_len == 64  # TOML over default
+    assert cfg.optimizer.lr == 1e-3
+    assert cfg.training.micro_batch_size == config.Training().micro_batch_size
+    assert cfg.data.train_files == ["a.txt", "b/*.jsonl"]
+
+
+def test_cli_forms():
+    path, overrides = config.parse_overrides(["--config", "x.toml", "--training.steps=5", "--job.seed", "3"])
+    assert path == "x.toml"
+    assert overrides == [("training.steps", "5"), ("job.seed", "3")]
+    cfg = config.load(None, overrides + [("training.mixed_precision", "fp32"), ("metrics.enable_tensorboard", "false")])
+    assert (cfg.training.steps, cfg.job.seed, cfg.metrics.enable_tensorboard) == (5, 3, False)
+
+
+@pytest.mark.parametrize("toml,message", [
+    ("[training]\nstpes = 5\n", "unknown key training.stpes; did you mean training.steps?"),
+    ("[trainig]\nsteps = 5\n", "unknown section [trainig] in"),
+    ("[training]\nsteps = 'five'\n", "training.steps must be int, got 'five'"),
+    ("[training]\nsteps = 0\n", "training.steps = 0 is too small; it must be >= 1"),
+    ("[training]\nmixed_precision = 'fp16'\n", "choose one of bf16, fp32"),
+    ("[training]\nglobal_batch_size = 6\nmicro_batch_size = 4\n", "not a multiple of training.micro_batch_size"),
+    ("[optimizer]\nlr = 1e-4\n[lr_scheduler]\nmin_lr = 1e-3\n", "exceeds optimizer.lr"),
+    ("[parallelism]\ntp = 2\n", "unknown key parallelism.tp"),
+    ("[training\nsteps = 5\n", "is not valid TOML"),
+])
+def test_errors_name_the_key(tmp_path, toml, message):
+    with pytest.raises(ConfigError) as err:
+        config.load(write(tmp_path, toml))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_effective_config_round_trips(tmp_path):
+    cfg = config.load(None, [("training.steps", "3"), ("data.val_files", "[\"v.txt\"]"), ("job.dump_folder", "a b/c")])
+    again = config.load(write(tmp_path, config.to_toml(cfg)))
+    assert again == cfg
+
+
+def test_entry_point_reports_one_line_and_exit_2(tmp_path):
+    path = write(tmp_path, "[training]\nstpes = 5\n")
+    result = subprocess.run([sys.executable, "-m", "dtcollie.train", "--config", path], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr == "error: unknown key training.stpes; did you mean training.steps?\n"
+    missing = subprocess.run([sys.executable, "-m", "dtcollie.train", "--config", str(tmp_path / "no.toml")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "does not exist" in missing.stderr
+
+
+def test_shipped_configs_load_and_debug_is_the_default():
+    assert config.load("train_configs/debug.toml") == config.JobConfig()
+    assert config.load("train_configs/7b.toml").model.flavor == "llama2_7b"
+    assert config.load("train_configs/debug_sft.toml").data.kind == "sft"

@@ -1,0 +1,106 @@
+import json
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtcollie import config
+from dtcollie.checkpoint import save_model_weights
+from dtcollie.train import Trainer
+
+# Small and fast: the debug model on 32-token sequences.
+FAST = [("training.seq_len", "32"), ("training.eval_interval", "0"), ("metrics.log_freq", "1"),
+        ("metrics.enable_tensorboard", "false")]
+
+
+def records(folder) -> list[dict]:
+    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(tmp_path, name, overrides) -> tuple[Trainer, list[float]]:
+    folder = tmp_path / name
+    cfg = config.load("train_configs/debug.toml", FAST + [("job.dump_folder", str(folder))] + overrides)
+    trainer = Trainer(cfg)
+    trainer.train()
+    return trainer, [r["loss"] for r in records(folder) if "loss" in r]
+
+
+def test_debug_run_from_the_command_line(tmp_path):
+    """What a new user runs, shortened to 20 steps: loss falls and every output file is written."""
+    folder = tmp_path / "run"
+    command = [sys.executable, "-m", "dtcollie.train", "--config", "train_configs/debug.toml",
+               "--training.steps", "20", "--lr_scheduler.warmup_steps=2", "--training.eval_interval", "10",
+               "--metrics.log_freq", "1", "--job.dump_folder", str(folder)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    train = [r for r in records(folder) if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 21))
+    first, last = train[0]["loss"], sum(r["loss"] for r in train[-5:]) / 5
+    assert first > 7.0  # about ln(2048) from a random start
+    assert last < first - 1.0
+    assert {"lr", "grad_norm", "tokens_per_sec", "peak_memory_gib"} <= set(train[0])
+    val = [r for r in records(folder) if "val_loss" in r]
+    assert [r["step"] for r in val] == [10, 20]
+    assert val[1]["val_loss"] < val[0]["val_loss"]
+    assert list((folder / "tb").glob("events.out.tfevents.*"))
+    saved = config.load(str(folder / "config.toml"))
+    assert saved.training.steps == 20 and saved.job.dump_folder == str(folder)
+    assert "step 20/20 | loss " in result.stdout
+
+
+def test_sft_config_learns_answers(tmp_path):
+    folder = tmp_path / "sft"
+    cfg = config.load("train_configs/debug_sft.toml", [("training.steps", "12"), ("metrics.log_freq", "1"),
+                                                       ("training.eval_interval", "0"), ("job.dump_folder", str(folder))])
+    Trainer(cfg).train()
+    losses = [r["loss"] for r in records(folder)]
+    assert len(losses) == 12 and losses[0] > 7.0
+    assert sum(losses[-3:]) / 3 < losses[0] - 2.0
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    _, big = train_losses(tmp_path, "big", [("training.steps", "3"), ("training.micro_batch_size", "8")])
+    _, accumulated = train_losses(tmp_path, "acc", [("training.steps", "3"), ("training.micro_batch_size", "2")])
+    assert len(big) == 3
+    assert accumulated == pytest.approx(big, rel=1e-5)
+    assert big[2] < big[0]
+
+
+def test_bf16_autocast_keeps_fp32_master_weights(tmp_path):
+    _, fp32 = train_losses(tmp_path, "fp32", [("training.steps", "2")])
+    trainer, bf16 = train_losses(tmp_path, "bf16", [("training.steps", "2"), ("training.mixed_precision", "bf16")])
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert bf16 == pytest.approx(fp32, rel=2e-2)
+    assert bf16 != fp32
+
+
+def test_initial_load_path_starts_from_saved_weights(tmp_path):
+    source, _ = train_losses(tmp_path, "source", [("training.steps", "1")])
+    save_model_weights(source.model, str(tmp_path / "weights"))
+    cfg = config.load("train_configs/debug.toml", FAST + [("checkpoint.initial_load_path", str(tmp_path / "weights")),
+                                                           ("job.dump_folder", str(tmp_path / "loaded"))])
+    loaded = Trainer(cfg).model.state_dict()
+    for name, tensor in source.model.state_dict().items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+def test_sigterm_finishes_the_step_and_exits_cleanly(tmp_path):
+    command = [sys.executable, "-m", "dtcollie.train", "--training.steps", "100000", "--training.seq_len", "32",
+               "--metrics.log_freq", "1", "--training.eval_interval", "0", "--job.dump_folder", str(tmp_path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(120, process.kill)  # a missed line must fail the test, not hang it
+    watchdog.start()
+    for line in process.stdout:
+        if line.startswith("step") and line.split()[1].startswith("2/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    out, err = process.communicate(timeout=60)
+    watchdog.cancel()
+    assert process.returncode == 0, err
+    assert "stopped by SIGTERM after step" in out
+    steps = [r["step"] for r in records(tmp_path)]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) < 100

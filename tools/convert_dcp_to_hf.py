@@ -1,0 +1,40 @@
+"""Convert a dtcollie DCP checkpoint folder into a Hugging Face Llama folder.
+
+Reads DCP_DIR/model_args.json (written by convert_hf_to_dcp.py) for the model shape and writes
+config.json plus safetensors that transformers.AutoModelForCausalLM.from_pretrained loads.
+Usage: python tools/convert_dcp_to_hf.py --dcp DCP_DIR --out HF_DIR [--dtype bfloat16]
+[--max-shard-size 5GB] [--force]
+"""
+
+import argparse
+
+import torch
+
+from dtcollie.cli import run_main
+from dtcollie.models.hf import DEFAULT_MAX_SHARD_SIZE, convert_dcp_to_hf
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dcp", required=True, help="DCP folder holding model_args.json")
+    parser.add_argument("--out", required=True, help="HF folder to write; must be empty or absent")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights; default: keep the stored dtype")
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                        help="bytes, or e.g. 5GB (10^9) / 4GiB (2^30); bigger models are split into shards "
+                             "with model.safetensors.index.json (default: %(default)s)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a non-empty --out, deleting its old config.json and safetensors first")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    opts = parse_args(argv)
+    args = convert_dcp_to_hf(opts.dcp, opts.out, dtype=DTYPES.get(opts.dtype),
+                             max_shard_size=opts.max_shard_size, force=opts.force)
+    print(f"wrote {opts.out}: {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}")
+
+
+if __name__ == "__main__":
+    run_main(main)
