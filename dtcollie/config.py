@@ -67,7 +67,7 @@ class Optimizer:
     beta2: float = option(0.95, "second-moment decay", minimum=0.0)
     eps: float = option(1e-8, "denominator epsilon", minimum=0.0)
     weight_decay: float = option(0.1, "decoupled weight decay on matrices (not norms)", minimum=0.0)
-    implementation: str = option("auto", "AdamW kernel: auto (fused on CUDA, foreach on CPU), fused, foreach, "
+    implementation: str = option("auto", "AdamW kernel: auto (= fused, on CUDA and CPU), fused, foreach, "
                                  "for-loop", choices=("auto", "fused", "foreach", "for-loop"))
 
 
@@ -119,7 +119,7 @@ class ActivationCheckpoint:
 
 @dataclass
 class Compile:
-    enable: bool = option(False, "torch.compile each transformer block")
+    enable: bool = option(False, "torch.compile each transformer block and the loss")
 
 
 @dataclass

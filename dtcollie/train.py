@@ -15,21 +15,19 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dtcollie import config as config_module
 from dtcollie.checkpoint import load_model_weights
 from dtcollie.cli import run_main
 from dtcollie.config import ConfigError, JobConfig
 from dtcollie.data import build_dataloader, load_tokenizer
+from dtcollie.loss import IGNORE_INDEX, cross_entropy_sum
 from dtcollie.lr import build_lr_scheduler
 from dtcollie.metrics import MetricsLogger, Throughput, console_line, peak_flops, peak_memory_gib
 from dtcollie.models.hf import load_model_args
 from dtcollie.models.llama import FLAVORS, ModelArgs, Transformer, check_attention, count_parameters, flops_per_token
 
 logger = logging.getLogger("dtcollie")
-
-IGNORE_INDEX = -100
 
 
 def pick_device(choice: str) -> torch.device:
@@ -70,7 +68,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def build_adamw(model: torch.nn.Module, cfg: config_module.Optimizer, device: torch.device):
     implementation = cfg.implementation
     if implementation == "auto":
-        implementation = "fused" if device.type == "cuda" else "foreach"
+        implementation = "fused"  # torch has fused AdamW kernels for both CUDA and CPU
     kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[implementation]
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps, **kernel)
@@ -111,6 +109,7 @@ class Trainer:
         self.model_args = model_args_for(cfg, self.tokenizer.vocab_size)
         check_attention(self.model_args, self.device, training.mixed_precision)
         self.model = self.build_model()
+        self.loss_fn = torch.compile(cross_entropy_sum) if cfg.compile.enable else cross_entropy_sum
         self.optimizer = build_adamw(self.model, cfg.optimizer, self.device)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.optimizer.lr, training.steps, cfg.lr_scheduler)
         self.dp_rank, self.dp_world = 0, 1
@@ -141,13 +140,12 @@ class Trainer:
                                 self.dp_rank, self.dp_world, split, self.cfg.job.seed)
 
     def loss_sum(self, batch: dict) -> torch.Tensor:
-        """Summed cross-entropy over the batch's label tokens (fp32 logits for a stable softmax)."""
+        """Summed cross-entropy over the batch's label tokens."""
         inputs = batch["input_ids"].to(self.device)
         labels = batch["labels"].to(self.device)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             logits = self.model(inputs)
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
+        return self.loss_fn(logits, labels)
 
     def train_step(self, batches) -> tuple[float, float, int]:
         """One optimizer step over the global batch; returns (loss, grad norm, tokens seen)."""

@@ -1,7 +1,7 @@
 """Training-step throughput of dtcollie's Llama against transformers' LlamaForCausalLM.
 
 Both models get the same weights and shapes and run the same step (forward, fp32 cross-entropy,
-backward, AdamW). They alternate in rounds within one process so machine noise hits both alike;
+backward, fused AdamW). They alternate in rounds within one process so machine noise hits both alike;
 the median tokens/s of each is printed with the ratio.
 
     python tools/bench_throughput.py --flavor debug --batch 8 --seq-len 128
@@ -15,10 +15,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dtcollie.cli import run_main
+from dtcollie.loss import cross_entropy_sum
 from dtcollie.models.hf import hf_config_from_args, to_hf_state_dict
 from dtcollie.models.llama import FLAVORS, Transformer, count_parameters
 
@@ -51,29 +51,30 @@ def model_args(options):
 
 
 def build_models(args, device, compile_blocks) -> dict:
-    """name -> (forward returning logits, module holding the parameters), all from one set of weights."""
+    """name -> (forward returning logits, module holding the parameters, loss), all from one set of
+    weights. The compiled variant compiles each block and the loss, as `compile.enable` does."""
     torch.manual_seed(0)
     ours = Transformer(args).to(device)
     ours.init_weights()
     hf = LlamaForCausalLM(LlamaConfig(**hf_config_from_args(args))).to(device)
     hf.load_state_dict(to_hf_state_dict(ours.state_dict(), args))
-    models = {"transformers": (lambda tokens: hf(input_ids=tokens).logits, hf), "dtcollie": (ours, ours)}
+    models = {"transformers": (lambda tokens: hf(input_ids=tokens).logits, hf, cross_entropy_sum),
+              "dtcollie": (ours, ours, cross_entropy_sum)}
     if compile_blocks:
         compiled = copy.deepcopy(ours)
         for block in compiled.layers.values():
             block.compile()
-        models["dtcollie+compile"] = (compiled, compiled)
+        models["dtcollie+compile"] = (compiled, compiled, torch.compile(cross_entropy_sum))
     return models
 
 
-def make_step(forward, module, device, dtype):
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, foreach=device.type == "cpu",
-                                  fused=device.type == "cuda" or None)
+def make_step(forward, module, loss_fn, device, dtype):
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
 
     def step(tokens):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
             logits = forward(tokens[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss = loss_fn(logits, tokens[:, 1:]) / tokens[:, 1:].numel()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -97,7 +98,7 @@ def main(argv):
     device = torch.device(options.device)
     args = model_args(options)
     models = build_models(args, device, options.compile)
-    steps = {name: make_step(forward, module, device, options.dtype) for name, (forward, module) in models.items()}
+    steps = {name: make_step(*model, device, options.dtype) for name, model in models.items()}
     tokens = torch.randint(0, args.vocab_size, (options.batch, options.seq_len + 1), device=device)
     for step in steps.values():  # warm-up: allocator, kernels, and compilation
         time_steps(step, tokens, 2, device)
@@ -111,7 +112,8 @@ def main(argv):
     baseline = statistics.median(rates["transformers"])
     for name, values in rates.items():
         median = statistics.median(values)
-        print(f"{name:>18}: {median:12,.0f} tokens/s  ({median / baseline:.2f}x transformers)")
+        print(f"{name:>18}: {median:10,.0f} tokens/s (rounds {min(values):,.0f}-{max(values):,.0f})  "
+              f"{median / baseline:.2f}x transformers")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ resume cheap (the sampler stores a count, not a buffer of pending tokens).
 """
 
 import logging
+import warnings
 
 import torch
 from torch.utils.data import Dataset
@@ -18,6 +19,9 @@ from dtcollie.data.sft import pack_examples, pad_examples, tokenize_examples
 from dtcollie.errors import DataError
 
 log = logging.getLogger("dtcollie.data")
+
+# torchdata 0.11 calls torch.set_vital, which torch 2.13 deprecates: noise on every run, not ours to fix.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 
 class SequenceDataset(Dataset):
