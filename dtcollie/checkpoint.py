@@ -145,13 +145,17 @@ def save_model_weights(model_or_state_dict: nn.Module | dict, folder: str | Path
         dcp.save(state_dict, storage_writer=FileSystemWriter(folder), no_dist=_no_dist())
 
 
-def load_model_weights(model: nn.Module, folder: str | Path) -> None:
-    """Load a DCP folder into `model` in place, after checking keys and shapes match exactly."""
-    metadata = read_checkpoint_metadata(folder)
-    state_dict = model_state_dict(model)
-    check_shapes(checkpoint_shapes(metadata), {name: tuple(t.shape) for name, t in state_dict.items()},
-                 f"checkpoint {folder}")
-    _dcp_load(state_dict, folder)
+def load_model_weights(model: nn.Module | list[nn.Module], folder: str | Path, reference: nn.Module | None = None) -> None:
+    """Load a DCP folder into `model` in place, after checking keys and shapes match exactly.
+
+    `model` may be the list of pipeline stages one rank holds; then `reference` is the unsplit
+    (meta) model that the checkpoint must match, and each stage loads its own keys, all in one DCP
+    call so every rank makes the same collective calls. DTensor parameters load their shards."""
+    parts = model if isinstance(model, list) else [model]
+    expected = model_state_dict(reference if reference is not None else parts[0])
+    check_shapes(checkpoint_shapes(read_checkpoint_metadata(folder)),
+                 {name: tuple(t.shape) for name, t in expected.items()}, f"checkpoint {folder}")
+    _dcp_load({name: t for part in parts for name, t in model_state_dict(part).items()}, folder)
 
 
 def load_weights_as_stored(folder: str | Path) -> dict[str, torch.Tensor]:

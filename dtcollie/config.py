@@ -41,7 +41,23 @@ class Model:
 
 @dataclass
 class Parallelism:
-    """Filled by the 3D-parallelism work; no keys yet."""
+    dp_replicate: int = option(1, "data-parallel replicas (HSDP when > 1 together with dp_shard > 1)", minimum=1)
+    dp_shard: int = option(-1, "FSDP shard group size; -1: whatever the world size leaves", minimum=-1)
+    tp: int = option(1, "tensor-parallel size (must divide heads, kv heads, hidden and vocab)", minimum=1)
+    pp: int = option(1, "pipeline-parallel size (ranks in a pipeline)", minimum=1)
+    sequence_parallel: bool = option(True, "with tp > 1: norms and residual activations sharded on sequence")
+    loss_parallel: bool = option(True, "with tp > 1: cross-entropy on vocab-sharded logits")
+    pp_schedule: str = option("1F1B", "pipeline schedule", choices=(
+        "GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"))
+    pp_stages_per_rank: int = option(1, "pipeline stages per rank: 1 for GPipe/1F1B, >= 2 for interleaved, "
+                                     "2 for ZBVZeroBubble", minimum=1)
+    pp_microbatches: int = option(0, "micro-batches each micro_batch_size batch is split into in the "
+                                  "pipeline; 0: one per pipeline stage", minimum=0)
+    pp_partition: str = option("uniform", "layers per stage: uniform, parameters (balance parameter counts), "
+                               "or a comma list of layer counts such as 3,5")
+    fsdp_reshard_after_forward: bool = option(True, "free gathered parameters after forward (ZeRO-3); false "
+                                              "keeps them until backward (ZeRO-2-like, more memory)")
+    fsdp_cpu_offload: bool = option(False, "keep sharded parameters, gradients and optimizer state in CPU memory")
 
 
 @dataclass
@@ -114,7 +130,9 @@ class Peft:
 
 @dataclass
 class ActivationCheckpoint:
-    """Filled by the 3D-parallelism work; no keys yet."""
+    mode: str = option("none", "recompute activations in backward: none, full (every block) or selective "
+                       "(every selective_every-th block)", choices=("none", "full", "selective"))
+    selective_every: int = option(2, "with mode = selective: checkpoint every this many blocks", minimum=1)
 
 
 @dataclass

@@ -5,6 +5,7 @@ label tokens of the global batch, whatever the micro-batch split, so gradient ac
 the same numbers as one big batch.
 """
 
+import contextlib
 import copy
 import itertools
 import logging
@@ -15,17 +16,24 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from dtcollie import config as config_module
-from dtcollie.checkpoint import load_model_weights
 from dtcollie.cli import run_main
 from dtcollie.config import ConfigError, JobConfig
+from dtcollie.errors import DataError
 from dtcollie.data import build_dataloader, load_tokenizer
 from dtcollie.loss import IGNORE_INDEX, cross_entropy_sum
 from dtcollie.lr import build_lr_scheduler
 from dtcollie.metrics import MetricsLogger, Throughput, console_line, peak_flops, peak_memory_gib
 from dtcollie.models.hf import load_model_args
-from dtcollie.models.llama import FLAVORS, ModelArgs, Transformer, check_attention, count_parameters, flops_per_token
+from dtcollie.models.llama import FLAVORS, ModelArgs, Transformer, count_parameters, flops_per_token
+from dtcollie.parallel.build import check_layout, materialize, parallelize_model
+from dtcollie.parallel.mesh import ParallelDims
+from dtcollie.parallel.pipeline import build_schedule
+from dtcollie.parallel.reduce import clip_global_grad_norm, sum_over
 
 logger = logging.getLogger("dtcollie")
 
@@ -58,19 +66,17 @@ def model_args_for(cfg: JobConfig, vocab_size: int) -> ModelArgs:
     return args
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(parameters: list, weight_decay: float) -> list[dict]:
     """Weight decay on matrices and embeddings, none on norm scales."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    decay = [p for p in parameters if p.ndim >= 2]
+    no_decay = [p for p in parameters if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_adamw(model: torch.nn.Module, cfg: config_module.Optimizer, device: torch.device):
-    implementation = cfg.implementation
-    if implementation == "auto":
-        implementation = "fused"  # torch has fused AdamW kernels for both CUDA and CPU
+def build_adamw(parameters: list, cfg: config_module.Optimizer):
+    implementation = "fused" if cfg.implementation == "auto" else cfg.implementation  # fused: CUDA and CPU
     kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[implementation]
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+    return torch.optim.AdamW(param_groups(parameters, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps, **kernel)
 
 
@@ -80,6 +86,12 @@ def cycle(loader):
     for epoch in itertools.count(loader.sampler.epoch):
         loader.sampler.set_epoch(epoch)
         yield from loader
+
+
+def plain(loss: torch.Tensor) -> torch.Tensor:
+    """A detached ordinary tensor (a loss-parallel loss is a replicated DTensor)."""
+    loss = loss.detach()
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
 class StopFlag:
@@ -100,88 +112,124 @@ class StopFlag:
 
 
 class Trainer:
+    """One training job on this process: the whole model, or this rank's part of a parallel layout."""
+
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         training = cfg.training
         self.device = pick_device(training.device)
-        torch.manual_seed(cfg.job.seed)
+        self.rank = int(os.environ.get("RANK", "0"))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.dims = ParallelDims.from_config(cfg.parallelism, world_size)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.model_args = model_args_for(cfg, self.tokenizer.vocab_size)
-        check_attention(self.model_args, self.device, training.mixed_precision)
-        self.model = self.build_model()
+        check_layout(cfg, self.model_args, self.dims, self.device)
+        # Everything above is checked identically on every rank; from here on ranks communicate.
+        self.mesh = None
+        if world_size > 1:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.mesh = self.dims.build_mesh(self.device.type)
+        torch.manual_seed(cfg.job.seed)
+        self.model = parallelize_model(cfg, self.model_args, self.dims, self.mesh)
+        materialize(self.model, self.model_args, cfg.checkpoint.initial_load_path, self.device)
         self.loss_fn = torch.compile(cross_entropy_sum) if cfg.compile.enable else cross_entropy_sum
-        self.optimizer = build_adamw(self.model, cfg.optimizer, self.device)
+        self.dp_groups = [self.mesh["dp"].get_group()] if self.mesh is not None and self.dims.dp > 1 else []
+        self.pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
+        # The step loss lives on the last pipeline stage and is split over data-parallel ranks.
+        self.loss_groups = self.dp_groups + ([self.pp_group] if self.pp_group is not None else [])
+        self.schedule = self.build_schedule() if self.dims.pp > 1 else None
+        self.optimizer = build_adamw(self.model.parameters(), cfg.optimizer)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.optimizer.lr, training.steps, cfg.lr_scheduler)
-        self.dp_rank, self.dp_world = 0, 1
-        self.accumulation_steps = training.global_batch_size // (training.micro_batch_size * self.dp_world)
+        self.accumulation_steps = training.global_batch_size // (training.micro_batch_size * self.dims.dp)
         self.train_loader = self.loader("train")
         self.val_loader = self.loader("val") if training.eval_interval else None
-        self.autocast_dtype = torch.bfloat16 if training.mixed_precision == "bf16" else None
-        self.metrics = MetricsLogger(cfg.job.dump_folder, cfg.metrics.enable_tensorboard)
+        # With FSDP the mixed-precision policy casts parameters; otherwise autocast does.
+        use_autocast = training.mixed_precision == "bf16" and self.dims.dp == 1
+        self.autocast_dtype = torch.bfloat16 if use_autocast else None
+        self.metrics = MetricsLogger(cfg.job.dump_folder, cfg.metrics.enable_tensorboard, enabled=self.rank == 0)
         self.step = 0
+        self.global_label_tokens = 1
 
-    def build_model(self) -> Transformer:
-        with torch.device("meta"):
-            model = Transformer(self.model_args)
-        model.to_empty(device=self.device)
-        if self.cfg.checkpoint.initial_load_path:
-            model.init_rope()
-            load_model_weights(model, self.cfg.checkpoint.initial_load_path)
-        else:
-            model.init_weights()
-        if self.cfg.compile.enable:
-            for block in model.layers.values():
-                block.compile()
-        return model
+    def build_schedule(self):
+        parallelism = self.cfg.parallelism
+        microbatches = parallelism.pp_microbatches or self.model.num_stages
+        return build_schedule(self.model.parts, self.model.stage_ids, self.model.num_stages, self.pp_group,
+                              self.device, parallelism.pp_schedule, microbatches, self.pipeline_loss)
 
     def loader(self, split: str):
         training = self.cfg.training
+        dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
         return build_dataloader(self.cfg.data, self.tokenizer, training.seq_len, training.micro_batch_size,
-                                self.dp_rank, self.dp_world, split, self.cfg.job.seed)
+                                dp_rank, self.dims.dp, split, self.cfg.job.seed)
 
-    def loss_sum(self, batch: dict) -> torch.Tensor:
-        """Summed cross-entropy over the batch's label tokens."""
+    def loss_context(self):
+        """Vocab-parallel cross-entropy needs the loss and its backward inside loss_parallel()."""
+        parallelism = self.cfg.parallelism
+        return loss_parallel() if self.dims.tp > 1 and parallelism.loss_parallel else contextlib.nullcontext()
+
+    def pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per pipeline micro-batch, on the last stage: this step's share of the global token mean."""
+        return self.loss_fn(logits, labels) / self.global_label_tokens
+
+    def run_micro_batch(self, batch: dict, backward: bool) -> torch.Tensor:
+        """Forward (and backward) of one micro-batch; returns its share of the step's token-mean loss
+        (zero on ranks without the last pipeline stage)."""
         inputs = batch["input_ids"].to(self.device)
         labels = batch["labels"].to(self.device)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            logits = self.model(inputs)
-        return self.loss_fn(logits, labels)
+        with self.loss_context():
+            if self.schedule is not None:
+                losses = []
+                stage_inputs = (inputs,) if self.model.has_first_stage else ()
+                targets = dict(target=labels, losses=losses) if self.model.has_last_stage else {}
+                # return_outputs=False: the last stage would otherwise keep every micro-batch's logits.
+                (self.schedule.step if backward else self.schedule.eval)(*stage_inputs, return_outputs=False,
+                                                                         **targets)
+                return plain(sum(losses)) if losses else torch.zeros((), device=self.device)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                logits = self.model.parts[0](inputs)
+            loss = self.loss_fn(logits, labels) / self.global_label_tokens
+            if backward:
+                loss.backward()
+        return plain(loss)
+
+    def count_label_tokens(self, batches: list[dict]) -> int:
+        """Label tokens of the whole global batch: this rank's micro-batches summed over data parallel."""
+        local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+        return int(sum_over(torch.tensor(local, device=self.device), self.dp_groups).item())
 
     def train_step(self, batches) -> tuple[float, float, int]:
-        """One optimizer step over the global batch; returns (loss, grad norm, tokens seen)."""
+        """One optimizer step over the global batch; returns (loss, grad norm, tokens in the global batch)."""
         micro_batches = [next(batches) for _ in range(self.accumulation_steps)]
-        label_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
-        if label_tokens == 0:
-            raise ConfigError(f"step {self.step}: the global batch has no label tokens; check the data "
-                              f"(sft outputs truncated by training.seq_len?)")
-        loss_total = 0.0
-        for batch in micro_batches:
-            loss = self.loss_sum(batch) / label_tokens
-            loss.backward()
-            loss_total += loss.item()
-        max_norm = self.cfg.training.max_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else math.inf)
+        self.global_label_tokens = self.count_label_tokens(micro_batches)
+        if self.global_label_tokens == 0:
+            raise DataError(f"step {self.step}: the global batch has no label tokens; check the data "
+                            f"(sft outputs truncated by training.seq_len?)")
+        loss = sum(self.run_micro_batch(batch, backward=True) for batch in micro_batches)
+        grad_norm = clip_global_grad_norm(self.model.parameters(), self.cfg.training.max_norm, self.pp_group)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = sum(b["input_ids"].numel() for b in micro_batches)
-        return loss_total, grad_norm.item(), tokens
+        loss = sum_over(loss.float(), self.loss_groups)
+        tokens = sum(b["input_ids"].numel() for b in micro_batches) * self.dims.dp
+        return loss.item(), grad_norm.item(), tokens
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Token-mean loss and perplexity over the first `eval_steps` validation batches."""
-        self.model.eval()
-        total, tokens = 0.0, 0
-        for index, batch in enumerate(self.val_loader):
-            if index == self.cfg.training.eval_steps:
-                break
-            total += self.loss_sum(batch).item()
-            tokens += int((batch["labels"] != IGNORE_INDEX).sum())
-        self.model.train()
-        loss = total / max(1, tokens)
+        self.model.train(False)
+        batches = list(itertools.islice(self.val_loader, self.cfg.training.eval_steps))
+        self.global_label_tokens = self.count_label_tokens(batches)
+        loss = sum(self.run_micro_batch(batch, backward=False) for batch in batches)
+        self.model.train(True)
+        loss = sum_over(loss.float(), self.loss_groups).item()
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0))}
 
     def write_run_config(self) -> None:
+        if self.rank != 0:
+            return
         folder = Path(self.cfg.job.dump_folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.toml").write_text(config_module.to_toml(self.cfg))
@@ -189,14 +237,17 @@ class Trainer:
     def train(self) -> None:
         cfg, training = self.cfg, self.cfg.training
         self.write_run_config()
-        params = count_parameters(self.model)
-        flops = flops_per_token(self.model_args, count_parameters(self.model, exclude_embedding=True),
-                                training.seq_len)
-        throughput = Throughput(training.steps, flops, peak_flops(self.device, training.mixed_precision))
-        self.metrics.console(f"dtcollie: {params:,} parameters | device {self.device} | world 1 | "
-                             f"global batch {training.global_batch_size} x {training.seq_len} tokens "
-                             f"({self.accumulation_steps} micro-batches of {training.micro_batch_size}) | "
-                             f"dump {cfg.job.dump_folder}")
+        with torch.device("meta"):
+            whole = Transformer(self.model_args)
+        params = count_parameters(whole)
+        flops = flops_per_token(self.model_args, count_parameters(whole, exclude_embedding=True), training.seq_len)
+        # MFU is per device: the global token rate shares the work over all ranks.
+        throughput = Throughput(training.steps, flops / self.dims.world_size,
+                                peak_flops(self.device, training.mixed_precision))
+        self.metrics.console(f"dtcollie: {params:,} parameters | device {self.device} | world {self.dims.world_size} "
+                             f"({self.dims.describe()}) | global batch {training.global_batch_size} x "
+                             f"{training.seq_len} tokens ({self.accumulation_steps} micro-batches of "
+                             f"{training.micro_batch_size} per data-parallel rank) | dump {cfg.job.dump_folder}")
         batches = cycle(self.train_loader)
         with StopFlag() as stop:
             self.run_steps(batches, throughput, stop)
@@ -204,16 +255,23 @@ class Trainer:
             self.metrics.console(f"stopped by {stop.signal_name} after step {self.step}")
         self.metrics.close()
 
+    def agreed_stop(self, stop: StopFlag) -> bool:
+        """Whether any rank was signalled: all ranks must leave the loop after the same step."""
+        flag = torch.tensor(float(stop.signal_name is not None), device=self.device)
+        if self.mesh is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def run_steps(self, batches, throughput: Throughput, stop: StopFlag) -> None:
         cfg, training = self.cfg, self.cfg.training
-        while self.step < training.steps and stop.signal_name is None:
+        while self.step < training.steps and not self.agreed_stop(stop):
             lr = self.scheduler.get_last_lr()[0]
             self.step += 1
             loss, grad_norm, tokens = self.train_step(batches)
             throughput.add(tokens)
             if self.step % cfg.metrics.log_freq == 0 or self.step in (1, training.steps):
                 record = {"loss": loss, "lr": lr, "grad_norm": grad_norm, **throughput.report(self.step),
-                          "peak_memory_gib": peak_memory_gib(self.device), "world_size": 1}
+                          "peak_memory_gib": peak_memory_gib(self.device), "world_size": self.dims.world_size}
                 self.metrics.log(self.step, record)
                 self.metrics.console(console_line(self.step, training.steps, record))
             if self.val_loader is not None and (self.step % training.eval_interval == 0 or self.step == training.steps):
@@ -230,11 +288,13 @@ def main(argv: list[str]) -> None:
         return
     config_path, overrides = config_module.parse_overrides(argv)
     cfg = config_module.load(config_path, overrides)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != 1:
-        raise ConfigError(f"WORLD_SIZE = {world}, but this version trains on one process only")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    Trainer(cfg).train()
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+                        format="%(message)s")
+    try:
+        Trainer(cfg).train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def test_cli_forms():
     ("[training]\nmixed_precision = 'fp16'\n", "choose one of bf16, fp32"),
     ("[training]\nglobal_batch_size = 6\nmicro_batch_size = 4\n", "not a multiple of training.micro_batch_size"),
     ("[optimizer]\nlr = 1e-4\n[lr_scheduler]\nmin_lr = 1e-3\n", "exceeds optimizer.lr"),
-    ("[parallelism]\ntp = 2\n", "unknown key parallelism.tp"),
+    ("[parallelism]\ntpp = 2\n", "unknown key parallelism.tpp; did you mean parallelism.tp?"),
     ("[training\nsteps = 5\n", "is not valid TOML"),
 ])
 def test_errors_name_the_key(tmp_path, toml, message):
@@ -69,3 +69,6 @@ def test_shipped_configs_load_and_debug_is_the_default():
     assert config.load("train_configs/debug.toml") == config.JobConfig()
     assert config.load("train_configs/7b.toml").model.flavor == "llama2_7b"
     assert config.load("train_configs/debug_sft.toml").data.kind == "sft"
+    layouts = {name: config.load(f"train_configs/{name}.toml").parallelism for name in ("13b", "llama3_8b", "70b")}
+    assert (layouts["70b"].tp, layouts["70b"].pp, layouts["70b"].dp_shard) == (8, 4, 2)
+    assert layouts["llama3_8b"].dp_shard == 8 and layouts["13b"].tp == 2

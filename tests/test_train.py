@@ -80,11 +80,11 @@ def test_bf16_autocast_keeps_fp32_master_weights(tmp_path):
 
 def test_initial_load_path_starts_from_saved_weights(tmp_path):
     source, _ = train_losses(tmp_path, "source", [("training.steps", "1")])
-    save_model_weights(source.model, str(tmp_path / "weights"))
+    save_model_weights(source.model.parts[0], str(tmp_path / "weights"))
     cfg = config.load("train_configs/debug.toml", FAST + [("checkpoint.initial_load_path", str(tmp_path / "weights")),
                                                            ("job.dump_folder", str(tmp_path / "loaded"))])
-    loaded = Trainer(cfg).model.state_dict()
-    for name, tensor in source.model.state_dict().items():
+    loaded = Trainer(cfg).model.parts[0].state_dict()
+    for name, tensor in source.model.parts[0].state_dict().items():
         assert torch.equal(loaded[name], tensor), name
 
 

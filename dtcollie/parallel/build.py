@@ -1,0 +1,101 @@
+"""Build the model one rank trains: pipeline split, then TP, then activation checkpointing, then
+compile, then FSDP, all on the meta device; then materialise and initialise or load.
+
+No rank ever holds the full model unless the layout is one rank.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from dtcollie.checkpoint import load_model_weights
+from dtcollie.config import JobConfig
+from dtcollie.errors import ConfigError
+from dtcollie.models.llama import ModelArgs, Transformer, check_attention
+from dtcollie.parallel.activation import apply_activation_checkpointing
+from dtcollie.parallel.fsdp import apply_fsdp
+from dtcollie.parallel.mesh import ParallelDims
+from dtcollie.parallel.pipeline import check_pipeline_config, split_model, stage_indices, stage_layer_ids
+from dtcollie.parallel.tensor import apply_tensor_parallel, check_tensor_parallel
+
+
+@dataclass
+class ParallelModel:
+    """The model parts (pipeline stages) this rank holds; one part without pipeline parallelism."""
+
+    parts: list[nn.Module]
+    stage_ids: list[int]
+    num_stages: int
+
+    @property
+    def has_first_stage(self) -> bool:
+        return 0 in self.stage_ids
+
+    @property
+    def has_last_stage(self) -> bool:
+        return self.num_stages - 1 in self.stage_ids
+
+    def parameters(self):
+        return [p for part in self.parts for p in part.parameters()]
+
+    def train(self, mode: bool = True) -> None:
+        for part in self.parts:
+            part.train(mode)
+
+
+def check_layout(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, device: torch.device) -> None:
+    """Every layout mistake, as a ConfigError raised identically on every rank before any collective."""
+    training = cfg.training
+    check_attention(args, device, training.mixed_precision)
+    check_tensor_parallel(args, dims.tp, training.seq_len, cfg.parallelism.sequence_parallel)
+    if dims.pp > 1:
+        check_pipeline_config(cfg.parallelism, args, training.micro_batch_size)
+    per_step = training.micro_batch_size * dims.dp
+    if training.global_batch_size % per_step:
+        raise ConfigError(f"training.global_batch_size = {training.global_batch_size} is not a multiple of "
+                          f"micro_batch_size {training.micro_batch_size} x data-parallel ranks {dims.dp} = {per_step}")
+
+
+def parallelize_model(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh: DeviceMesh | None) -> ParallelModel:
+    """This rank's parts of the model, parallelised, still on the meta device (no memory used)."""
+    parallelism = cfg.parallelism
+    with torch.device("meta"):
+        whole = Transformer(args)
+    if dims.pp > 1:
+        num_stages = dims.pp * parallelism.pp_stages_per_rank
+        stage_ids = stage_indices(mesh["pp"].get_local_rank(), dims.pp, parallelism.pp_stages_per_rank,
+                                  parallelism.pp_schedule)
+        parts = split_model(whole, stage_ids, stage_layer_ids(args, num_stages, parallelism.pp_partition))
+    else:
+        num_stages, stage_ids, parts = 1, [0], [whole]
+    param_dtype = torch.bfloat16 if cfg.training.mixed_precision == "bf16" else torch.float32
+    for part in parts:
+        if dims.tp > 1:
+            apply_tensor_parallel(part, mesh["tp"], parallelism.sequence_parallel, parallelism.loss_parallel)
+        apply_activation_checkpointing(part, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_every)
+        if cfg.compile.enable:
+            for block in part.layers.values():
+                block.compile()
+        if dims.dp > 1:
+            dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+            apply_fsdp(part, dp_mesh, param_dtype, parallelism.fsdp_reshard_after_forward,
+                       parallelism.fsdp_cpu_offload)
+    return ParallelModel(parts, stage_ids, num_stages)
+
+
+def materialize(model: ParallelModel, args: ModelArgs, initial_load_path: str, device: torch.device) -> None:
+    """Allocate this rank's shards on `device`, then random-initialise them or load a DCP folder
+    (checked against the whole model's keys and shapes, resharded to this layout)."""
+    for part in model.parts:
+        part.to_empty(device=device)
+    if initial_load_path:
+        for part in model.parts:
+            part.init_rope()
+        with torch.device("meta"):
+            whole = Transformer(args)
+        load_model_weights(model.parts, initial_load_path, reference=whole)
+    else:
+        for part in model.parts:
+            part.init_weights()

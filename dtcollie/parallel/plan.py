@@ -1,0 +1,240 @@
+"""Per-rank parameter memory of a layout, worked out without GPUs and without allocating anything.
+
+Each simulated rank joins a fake process group (no communication, no peers) of the layout's world
+size, builds the one DeviceMesh and runs the trainer's own `parallelize_model` on the meta device,
+so the shard shapes come from the real plan (pipeline split, TP, FSDP2 with its padding), not from a
+formula that could drift from it. Memory is then read off the local shards:
+
+- parameters and gradients: the sharded (FSDP) or TP-local parameters in their storage dtype. With
+  `mixed_precision = "bf16"` that is still fp32: FSDP2's MixedPrecisionPolicy (or autocast, without
+  data parallelism) only casts for compute, and the gradient is reduced to the sharded fp32 param.
+- AdamW: two states per parameter (exp_avg, exp_avg_sq), each of the parameter's dtype.
+- gathered: the largest FSDP unit (one block, or the root's embedding + final norm + output)
+  all-gathered in the compute dtype. It is transient, but FSDP prefetches the next unit while one
+  is in use, so about two of them coexist.
+
+FSDP2 shards dim 0 of each (TP-local) tensor like `torch.chunk`: ceil(n / dp_shard) rows per rank,
+the last ranks holding fewer (or none). Every rank still allocates the padded ceil-size buffer, and
+the dp_shard-rank-0 shard is always full, so the ranks planned here (dp_shard, dp_replicate and tp
+coordinates 0, one per pipeline rank) hold exactly the padded size: the most any rank of their
+stage holds. Ranks that differ only in dp or tp coordinates hold equally large shards.
+Activations, the autocast weight cache and communication buffers are not counted.
+"""
+
+import copy
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+from dtcollie.config import JobConfig
+from dtcollie.errors import ConfigError
+from dtcollie.models.llama import ModelArgs, Transformer, count_parameters
+from dtcollie.parallel.build import ParallelModel, check_layout, parallelize_model
+from dtcollie.parallel.mesh import MESH_DIMS, ParallelDims
+
+GIB = 1024 ** 3
+ADAMW_STATES = 2
+
+
+def plan_model_args(cfg: JobConfig) -> ModelArgs:
+    """The model shape the trainer would build, without loading a tokenizer unless the flavor leaves
+    the vocabulary to it (only then is the size unknowable otherwise).
+
+    The attention kernel is set to sdpa: it holds no parameters, and flash-attn need not be
+    installed on the machine that plans."""
+    from dtcollie.train import model_args_for  # the trainer's own rule; imported late (it pulls in the data stack)
+
+    args = model_args_for(cfg, 0)
+    if args.vocab_size == 0:
+        from dtcollie.data import load_tokenizer
+
+        args = model_args_for(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size)
+    args.attention = "sdpa"
+    return args
+
+
+def target_device(cfg: JobConfig) -> torch.device:
+    """The device the job is meant for (check_layout only looks at its type); "auto" plans for CUDA."""
+    return torch.device("cpu" if cfg.training.device == "cpu" else "cuda")
+
+
+def check_plan(cfg: JobConfig, world_size: int) -> tuple[ModelArgs, ParallelDims]:
+    """Everything the trainer checks before its process group starts, in the same order."""
+    if world_size < 1:
+        raise ConfigError(f"world size {world_size} must be at least 1")
+    dims = ParallelDims.from_config(cfg.parallelism, world_size)
+    args = plan_model_args(cfg)
+    check_layout(cfg, args, dims, target_device(cfg))
+    return args, dims
+
+
+@contextmanager
+def fake_process_group(rank: int, world_size: int):
+    """This process plays `rank` of `world_size`; collectives return at once and move nothing."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already running; plan ranks in a process without one")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def representative_ranks(dims: ParallelDims) -> list[int]:
+    """One rank per pipeline rank: the one at coordinate 0 of every other mesh dim (mesh order is
+    pp, dp_replicate, dp_shard, tp, row-major), which holds the padded, largest FSDP shards."""
+    per_pipeline_rank = dims.world_size // dims.pp
+    return [pp_rank * per_pipeline_rank for pp_rank in range(dims.pp)]
+
+
+def build_rank(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, rank: int) -> ParallelModel:
+    """`rank`'s parallelised model parts on the meta device, built under a fake process group.
+    Call `check_plan` first: layout errors must surface before any process group exists."""
+    if dims.world_size == 1:
+        return parallelize_model(cfg, args, dims, None)
+    with fake_process_group(rank, dims.world_size):
+        mesh = dims.build_mesh("cpu")
+        return parallelize_model(cfg, args, dims, mesh)
+
+
+def local_tensor(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
+def tp_local_numel(param: torch.Tensor) -> int:
+    """Elements of the tensor as FSDP all-gathers it: whole over data parallel, still TP-sharded."""
+    if not isinstance(param, DTensor):
+        return param.numel()
+    numel = param.numel()
+    names = param.device_mesh.mesh_dim_names or ()
+    for index, placement in enumerate(param.placements):
+        if placement.is_shard() and index < len(names) and names[index] == "tp":
+            numel //= param.device_mesh.size(index)
+    return numel
+
+
+def largest_gathered_unit(model: ParallelModel) -> int:
+    """Bytes of the largest FSDP unit once all-gathered in its compute dtype; 0 without FSDP."""
+    largest = 0
+    for part in model.parts:
+        for module in part.modules():
+            if not isinstance(module, FSDPModule):
+                continue
+            nested = {id(p) for child in module.modules() if child is not module and isinstance(child, FSDPModule)
+                      for p in child.parameters()}
+            own = [p for p in module.parameters() if id(p) not in nested]
+            dtype = module._get_fsdp_state()._mp_policy.param_dtype  # None: gathered in the storage dtype
+            largest = max(largest, sum(tp_local_numel(p) * (dtype.itemsize if dtype else p.element_size())
+                                       for p in own))
+    return largest
+
+
+def layer_ids(model: ParallelModel) -> list[int]:
+    return sorted(int(name) for part in model.parts for name in part.layers.keys())
+
+
+def plan_rank(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, rank: int) -> dict:
+    """What `rank` holds under this layout: its stages and layers, its parameter count, and the
+    parameter, gradient, AdamW-state and gathered-unit bytes that implies."""
+    model = build_rank(cfg, args, dims, rank)
+    params = model.parameters()
+    param_bytes = sum(local_tensor(p).numel() * local_tensor(p).element_size() for p in params)
+    gathered = largest_gathered_unit(model)
+    return {
+        "rank": rank,
+        "pp_rank": rank // (dims.world_size // dims.pp),
+        "stages": list(model.stage_ids),
+        "layers": layer_ids(model),
+        "has_embedding": model.has_first_stage,
+        "has_output": model.has_last_stage,
+        "params": sum(local_tensor(p).numel() for p in params),
+        "param_bytes": param_bytes,
+        "grad_bytes": param_bytes,
+        "optimizer_bytes": ADAMW_STATES * param_bytes,
+        "gathered_bytes": gathered,
+        "total_bytes": 4 * param_bytes + gathered,
+    }
+
+
+def planning_config(cfg: JobConfig) -> JobConfig:
+    """`cfg` with torch.compile off: it wraps blocks without touching a parameter, and importing
+    inductor would cost the planner seconds."""
+    cfg = copy.deepcopy(cfg)
+    cfg.compile.enable = False
+    return cfg
+
+
+def plan(cfg: JobConfig, world_size: int) -> dict:
+    """The whole plan: checks first (no process group yet), then one simulated rank per pipeline rank."""
+    cfg = planning_config(cfg)
+    args, dims = check_plan(cfg, world_size)
+    with torch.device("meta"):
+        model_params = count_parameters(Transformer(args))
+    ranks = [plan_rank(cfg, args, dims, rank) for rank in representative_ranks(dims)]
+    return {"args": args, "dims": dims, "model_params": model_params, "ranks": ranks}
+
+
+def layer_ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 8, 9] -> "0-2,8-9"."""
+    runs = []
+    for i in ids:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in runs) or "-"
+
+
+def gib(value: int) -> str:
+    return f"{value / GIB:.2f}"
+
+
+def format_plan(result: dict, cfg: JobConfig) -> str:
+    """The plan as a header, an aligned table (one row per pipeline rank) and notes."""
+    dims, args = result["dims"], result["args"]
+    precision = cfg.training.mixed_precision
+    name = cfg.model.args_path or cfg.model.flavor
+    lines = [f"model {name}: {result['model_params']:,} parameters (dim {args.dim}, {args.n_layers} layers, "
+             f"vocab {args.vocab_size}); world {dims.world_size}: {dims.describe()}; mixed_precision {precision}"]
+    header = ("rank", "pp", "stages", "layers", "emb/out", "params", "params GiB", "grads GiB", "AdamW GiB",
+              "gathered GiB", "total GiB")
+    rows = [header]
+    for r in result["ranks"]:
+        ends = ("emb" if r["has_embedding"] else "") + ("+" if r["has_embedding"] and r["has_output"] else "") + \
+            ("out" if r["has_output"] else "")
+        rows.append((str(r["rank"]), str(r["pp_rank"]), ",".join(map(str, r["stages"])), layer_ranges(r["layers"]),
+                     ends or "-", f"{r['params']:,}", gib(r["param_bytes"]), gib(r["grad_bytes"]),
+                     gib(r["optimizer_bytes"]), gib(r["gathered_bytes"]), gib(r["total_bytes"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        lines.append("  ".join(cell.ljust(w) if i < 5 else cell.rjust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
+    lines += notes(cfg, dims)
+    return "\n".join(lines)
+
+
+def notes(cfg: JobConfig, dims: ParallelDims) -> list[str]:
+    """What the columns mean for this layout, and what the table leaves out."""
+    parallelism, compute = cfg.parallelism, cfg.training.mixed_precision
+    alike = [name for name in MESH_DIMS[1:] if getattr(dims, name) > 1]
+    padding = " (FSDP pads uneven dim-0 shards to the first shard's size)" if dims.dp_shard > 1 else ""
+    out = [f"one row per pipeline rank; ranks differing only in {' / '.join(alike)} hold equal shards{padding}"
+           if alike else "one row per pipeline rank",
+           "params, grads, AdamW: fp32 master weights of this rank, their gradients, 2 AdamW states each"]
+    if dims.dp > 1:
+        kept = ("" if parallelism.fsdp_reshard_after_forward else
+                "; fsdp_reshard_after_forward = false keeps every unit gathered from forward to backward")
+        out.append(f"gathered: largest FSDP unit all-gathered in {compute}, transient (with prefetch about two "
+                   f"coexist{kept})")
+    else:
+        out.append("gathered: 0 without FSDP (dp = 1)" +
+                   ("; bf16 autocast caches a bf16 copy of the weights it uses" if compute == "bf16" else ""))
+    if parallelism.fsdp_cpu_offload and dims.dp > 1:
+        out.append("fsdp_cpu_offload = true: params, grads and AdamW states live in host memory, not on the GPU")
+    out.append("total = params + grads + AdamW + gathered; activations are not included")
+    return out

@@ -1,0 +1,88 @@
+"""The Llama tensor-parallel plan: Megatron-style column/row splits, optional sequence parallel.
+
+q/k/v and w1/w3 are split by output features (each rank computes a slice of the heads / hidden
+units), wo and w2 by input features (partial sums reduced afterwards). With sequence parallel the
+residual stream between blocks is sharded on the sequence dim (Shard(1)), so norms run on a slice
+of the tokens and the reductions after wo/w2 are reduce-scatters instead of all-reduces.
+"""
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel,
+                                               parallelize_module)
+
+from dtcollie.errors import ConfigError
+from dtcollie.models.llama import ModelArgs
+
+
+def check_tensor_parallel(args: ModelArgs, tp: int, seq_len: int, sequence_parallel: bool) -> None:
+    """Refuse sizes the plan cannot split evenly, before any process group traffic."""
+    if tp == 1:
+        return
+    for name, value in (("attention heads", args.n_heads), ("kv heads", args.n_kv_heads),
+                        ("FFN hidden size", args.hidden_dim), ("vocabulary size", args.vocab_size)):
+        if value % tp:
+            raise ConfigError(f"parallelism.tp = {tp} does not divide the model's {name} ({value}); "
+                              f"choose a tp that divides it")
+    if sequence_parallel and seq_len % tp:
+        raise ConfigError(f"parallelism.sequence_parallel needs training.seq_len ({seq_len}) divisible by "
+                          f"parallelism.tp ({tp})")
+    if args.tie_embeddings:
+        raise ConfigError("tied input/output embeddings are not supported with parallelism.tp > 1")
+
+
+def _replicate_norm(norm: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Without sequence parallel a norm sees the full activations; its weight still becomes a
+    Replicate DTensor on the tp mesh so every parameter of a block lives on the same mesh (one
+    global-norm computation, one foreach optimizer group)."""
+    distribute_module(
+        norm, tp_mesh,
+        input_fn=lambda module, inputs, mesh: tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+                                                     for x in inputs),
+        output_fn=lambda module, output, mesh: output.to_local())
+
+
+def block_plan(sequence_parallel: bool) -> dict:
+    activations = Shard(1) if sequence_parallel else Replicate()
+    plan = {
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=activations),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w3": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=activations),
+    }
+    if sequence_parallel:
+        # Gather the sequence-sharded residual stream before the column-parallel projections.
+        plan["attention_norm"] = SequenceParallel()
+        plan["ffn_norm"] = SequenceParallel()
+        plan["attention"] = PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                               desired_input_layouts=(Replicate(), None, None))
+        plan["feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    return plan
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool,
+                          loss_parallel: bool) -> None:
+    """Parallelise `model` (or the pipeline stage of it) in place over `tp_mesh`."""
+    activations = Shard(1) if sequence_parallel else Replicate()
+    top = {}
+    if model.tok_embeddings is not None:
+        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=activations)
+    if model.norm is not None and sequence_parallel:
+        top["norm"] = SequenceParallel()
+    if model.output is not None:
+        # Loss parallel keeps the logits vocab-sharded; the loss is then computed under loss_parallel().
+        top["output"] = ColwiseParallel(input_layouts=activations,
+                                        output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                        use_local_output=not loss_parallel)
+    parallelize_module(model, tp_mesh, top)
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, block_plan(sequence_parallel))
+        if not sequence_parallel:
+            _replicate_norm(block.attention_norm, tp_mesh)
+            _replicate_norm(block.ffn_norm, tp_mesh)
+    if model.norm is not None and not sequence_parallel:
+        _replicate_norm(model.norm, tp_mesh)
