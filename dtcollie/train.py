@@ -135,7 +135,9 @@ class Trainer:
         torch.manual_seed(cfg.job.seed)
         self.model = parallelize_model(cfg, self.model_args, self.dims, self.mesh)
         materialize(self.model, self.model_args, cfg.checkpoint.initial_load_path, self.device)
-        self.loss_fn = torch.compile(cross_entropy_sum) if cfg.compile.enable else cross_entropy_sum
+        # The loss_parallel() context works by DTensor dispatch, which a compiled loss bypasses.
+        compile_loss = cfg.compile.enable and not (self.dims.tp > 1 and cfg.parallelism.loss_parallel)
+        self.loss_fn = torch.compile(cross_entropy_sum) if compile_loss else cross_entropy_sum
         self.dp_groups = [self.mesh["dp"].get_group()] if self.mesh is not None and self.dims.dp > 1 else []
         self.pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
         # The step loss lives on the last pipeline stage and is split over data-parallel ranks.
@@ -146,8 +148,8 @@ class Trainer:
         self.accumulation_steps = training.global_batch_size // (training.micro_batch_size * self.dims.dp)
         self.train_loader = self.loader("train")
         self.val_loader = self.loader("val") if training.eval_interval else None
-        # With FSDP the mixed-precision policy casts parameters; otherwise autocast does.
-        use_autocast = training.mixed_precision == "bf16" and self.dims.dp == 1
+        # Multi-process layouts use FSDP's mixed-precision policy; one process uses autocast.
+        use_autocast = training.mixed_precision == "bf16" and self.mesh is None
         self.autocast_dtype = torch.bfloat16 if use_autocast else None
         self.metrics = MetricsLogger(cfg.job.dump_folder, cfg.metrics.enable_tensorboard, enabled=self.rank == 0)
         self.step = 0
@@ -271,7 +273,8 @@ class Trainer:
             throughput.add(tokens)
             if self.step % cfg.metrics.log_freq == 0 or self.step in (1, training.steps):
                 record = {"loss": loss, "lr": lr, "grad_norm": grad_norm, **throughput.report(self.step),
-                          "peak_memory_gib": peak_memory_gib(self.device), "world_size": self.dims.world_size}
+                          "peak_memory_gib": peak_memory_gib(self.device), "world_size": self.dims.world_size,
+                          "layout": self.dims.describe()}
                 self.metrics.log(self.step, record)
                 self.metrics.console(console_line(self.step, training.steps, record))
             if self.val_loader is not None and (self.step % training.eval_interval == 0 or self.step == training.steps):

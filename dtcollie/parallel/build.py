@@ -45,6 +45,21 @@ class ParallelModel:
             part.train(mode)
 
 
+def compile_blocks(model: nn.Module, tensor_parallel: bool) -> None:
+    """torch.compile each transformer block in place (parameter names unchanged).
+
+    Under tensor parallelism the attention and feed-forward inside each block are compiled instead:
+    with torch 2.13, a compiled whole block whose norms are sequence-parallel (or replicated)
+    DTensor modules fails in backward ("'Tensor' object has no attribute '_local_tensor'"), while
+    the two sub-modules, which hold all the matmuls, compile and train correctly."""
+    for block in model.layers.values():
+        if tensor_parallel:
+            block.attention.compile()
+            block.feed_forward.compile()
+        else:
+            block.compile()
+
+
 def check_layout(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, device: torch.device) -> None:
     """Every layout mistake, as a ConfigError raised identically on every rank before any collective."""
     training = cfg.training
@@ -76,9 +91,10 @@ def parallelize_model(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh:
             apply_tensor_parallel(part, mesh["tp"], parallelism.sequence_parallel, parallelism.loss_parallel)
         apply_activation_checkpointing(part, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_every)
         if cfg.compile.enable:
-            for block in part.layers.values():
-                block.compile()
-        if dims.dp > 1:
+            compile_blocks(part, tensor_parallel=dims.tp > 1)
+        # FSDP also on a size-1 data-parallel mesh for bf16: its mixed-precision policy is what
+        # casts parameters for TP and pipeline stages (autocast does not cover pipeline schedules).
+        if dims.dp > 1 or (mesh is not None and param_dtype == torch.bfloat16):
             dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
             apply_fsdp(part, dp_mesh, param_dtype, parallelism.fsdp_reshard_after_forward,
                        parallelism.fsdp_cpu_offload)

@@ -11,7 +11,8 @@ formula that could drift from it. Memory is then read off the local shards:
 - AdamW: two states per parameter (exp_avg, exp_avg_sq), each of the parameter's dtype.
 - gathered: the largest FSDP unit (one block, or the root's embedding + final norm + output)
   all-gathered in the compute dtype. It is transient, but FSDP prefetches the next unit while one
-  is in use, so about two of them coexist.
+  is in use, so about two of them coexist. With fsdp_reshard_after_forward = false every unit
+  stays gathered from forward to backward, so all of them count.
 
 FSDP2 shards dim 0 of each (TP-local) tensor like `torch.chunk`: ceil(n / dp_shard) rows per rank,
 the last ranks holding fewer (or none). Every rank still allocates the padded ceil-size buffer, and
@@ -118,9 +119,9 @@ def tp_local_numel(param: torch.Tensor) -> int:
     return numel
 
 
-def largest_gathered_unit(model: ParallelModel) -> int:
-    """Bytes of the largest FSDP unit once all-gathered in its compute dtype; 0 without FSDP."""
-    largest = 0
+def gathered_units(model: ParallelModel) -> list[int]:
+    """Bytes of each FSDP unit once all-gathered in its compute dtype; none without FSDP."""
+    units = []
     for part in model.parts:
         for module in part.modules():
             if not isinstance(module, FSDPModule):
@@ -129,9 +130,15 @@ def largest_gathered_unit(model: ParallelModel) -> int:
                       for p in child.parameters()}
             own = [p for p in module.parameters() if id(p) not in nested]
             dtype = module._get_fsdp_state()._mp_policy.param_dtype  # None: gathered in the storage dtype
-            largest = max(largest, sum(tp_local_numel(p) * (dtype.itemsize if dtype else p.element_size())
-                                       for p in own))
-    return largest
+            units.append(sum(tp_local_numel(p) * (dtype.itemsize if dtype else p.element_size()) for p in own))
+    return units
+
+
+def gathered_bytes(cfg: JobConfig, model: ParallelModel) -> int:
+    """All-gathered parameter memory at its peak: the largest unit when units are freed after
+    forward, every unit when fsdp_reshard_after_forward = false keeps them until backward."""
+    units = gathered_units(model)
+    return max(units, default=0) if cfg.parallelism.fsdp_reshard_after_forward else sum(units)
 
 
 def layer_ids(model: ParallelModel) -> list[int]:
@@ -144,7 +151,7 @@ def plan_rank(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, rank: int) ->
     model = build_rank(cfg, args, dims, rank)
     params = model.parameters()
     param_bytes = sum(local_tensor(p).numel() * local_tensor(p).element_size() for p in params)
-    gathered = largest_gathered_unit(model)
+    gathered = gathered_bytes(cfg, model)
     return {
         "rank": rank,
         "pp_rank": rank // (dims.world_size // dims.pp),
@@ -157,7 +164,7 @@ def plan_rank(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, rank: int) ->
         "grad_bytes": param_bytes,
         "optimizer_bytes": ADAMW_STATES * param_bytes,
         "gathered_bytes": gathered,
-        "total_bytes": 4 * param_bytes + gathered,
+        "total_bytes": (2 + ADAMW_STATES) * param_bytes + gathered,  # params, grads, states, gathered unit
     }
 
 
@@ -205,8 +212,7 @@ def format_plan(result: dict, cfg: JobConfig) -> str:
               "gathered GiB", "total GiB")
     rows = [header]
     for r in result["ranks"]:
-        ends = ("emb" if r["has_embedding"] else "") + ("+" if r["has_embedding"] and r["has_output"] else "") + \
-            ("out" if r["has_output"] else "")
+        ends = "+".join(name for name, held in (("emb", r["has_embedding"]), ("out", r["has_output"])) if held)
         rows.append((str(r["rank"]), str(r["pp_rank"]), ",".join(map(str, r["stages"])), layer_ranges(r["layers"]),
                      ends or "-", f"{r['params']:,}", gib(r["param_bytes"]), gib(r["grad_bytes"]),
                      gib(r["optimizer_bytes"]), gib(r["gathered_bytes"]), gib(r["total_bytes"])))
@@ -227,10 +233,12 @@ def notes(cfg: JobConfig, dims: ParallelDims) -> list[str]:
            if alike else "one row per pipeline rank",
            "params, grads, AdamW: fp32 master weights of this rank, their gradients, 2 AdamW states each"]
     if dims.dp > 1:
-        kept = ("" if parallelism.fsdp_reshard_after_forward else
-                "; fsdp_reshard_after_forward = false keeps every unit gathered from forward to backward")
-        out.append(f"gathered: largest FSDP unit all-gathered in {compute}, transient (with prefetch about two "
-                   f"coexist{kept})")
+        if parallelism.fsdp_reshard_after_forward:
+            out.append(f"gathered: largest FSDP unit all-gathered in {compute}, transient (with prefetch about two "
+                       f"coexist)")
+        else:
+            out.append(f"gathered: every FSDP unit all-gathered in {compute} (fsdp_reshard_after_forward = false "
+                       f"keeps them from forward to backward)")
     else:
         out.append("gathered: 0 without FSDP (dp = 1)" +
                    ("; bf16 autocast caches a bf16 copy of the weights it uses" if compute == "bf16" else ""))

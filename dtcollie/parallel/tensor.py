@@ -59,8 +59,9 @@ def block_plan(sequence_parallel: bool) -> dict:
         plan["attention_norm"] = SequenceParallel()
         plan["ffn_norm"] = SequenceParallel()
         plan["attention"] = PrepareModuleInput(input_layouts=(Shard(1), None, None),
-                                               desired_input_layouts=(Replicate(), None, None))
-        plan["feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+                                               desired_input_layouts=(Replicate(), None, None), use_local_output=True)
+        plan["feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                                  use_local_output=True)
     return plan
 
 

@@ -74,6 +74,7 @@ LAYOUTS = {
                             "--parallelism.loss_parallel", "false"]),
     "dp_shard2_tp2_selective_ac": (4, ["--parallelism.tp", "2", "--training.micro_batch_size", "4",
                                        "--activation_checkpoint.mode", "selective"]),
+    "tp2_compile": (2, ["--parallelism.tp", "2", "--compile.enable", "true"]),
     "pp2_gpipe": (2, ["--parallelism.pp", "2", "--parallelism.pp_schedule", "GPipe"]),
     "pp2_1f1b_accumulate": (2, ["--parallelism.pp", "2", "--parallelism.pp_schedule", "1F1B",
                                 "--training.micro_batch_size", "4"]),
@@ -95,11 +96,18 @@ def test_layout_matches_one_process(tmp_path, weights, reference, layout):
     assert losses == pytest.approx(reference, rel=1e-5)
 
 
+def test_bf16_pipeline_computes_in_bf16(tmp_path, weights, reference):
+    """bf16 on a layout without data parallelism still gets FSDP's mixed-precision policy."""
+    losses = losses_of_run(tmp_path, weights, 2, ["--parallelism.pp", "2", "--training.mixed_precision", "bf16"])
+    assert losses == pytest.approx(reference, rel=5e-3)
+    assert max(abs(a - b) / b for a, b in zip(losses, reference)) > 1e-6  # not an fp32 run
+
+
 def test_metrics_written_once_with_layout(tmp_path, weights):
     result = train(tmp_path, weights, 2, ["--parallelism.tp", "2"])
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # rank 0 only, once per step
-    assert all(r["world_size"] == 2 for r in records)
+    assert all(r["world_size"] == 2 and r["layout"] == "tp 2" for r in records)
     assert (tmp_path / "config.toml").exists()
     assert "world 2 (tp 2)" in result.stdout
 

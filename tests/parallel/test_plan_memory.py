@@ -1,0 +1,75 @@
+"""tools/plan_memory.py run as a user would: a separate process, its table, its exit codes."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+LLAMA2_7B_PARAMS = 6_738_415_616  # the published count
+NORM_PARAMS_7B = 65 * 4096  # 2 norms in each of 32 blocks + the final norm, dim 4096
+GIB = 1024 ** 3
+
+
+def run_plan(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "plan_memory.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def table(stdout: str) -> list[dict]:
+    """The table rows as dicts keyed by the header (columns are separated by two or more spaces)."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("rank "))
+    header = [cell for cell in lines[start].split("  ") if cell.strip()]
+    header = [cell.strip() for cell in header]
+    rows = []
+    for line in lines[start + 1:]:
+        cells = [cell.strip() for cell in line.split("  ") if cell.strip()]
+        if not cells or not cells[0].isdigit():
+            break
+        rows.append(dict(zip(header, cells)))
+    return rows
+
+
+def test_7b_on_8_ranks_holds_an_eighth_of_the_model():
+    # Every layout key given, so the test does not follow edits of 7b.toml's own layout.
+    done = run_plan("--config", "train_configs/7b.toml", "--world-size", "8", "--parallelism.tp", "2",
+                    "--parallelism.dp_shard", "-1", "--parallelism.pp", "1", "--parallelism.dp_replicate", "1")
+    assert done.returncode == 0, done.stderr
+    assert f"{LLAMA2_7B_PARAMS:,} parameters" in done.stdout
+    rows = table(done.stdout)
+    assert len(rows) == 1  # one pipeline rank: every rank holds equal shards
+    row = rows[0]
+    assert (row["rank"], row["layers"], row["emb/out"]) == ("0", "0-31", "emb+out")
+    params = int(row["params"].replace(",", ""))
+    # An eighth of the model, except that the norms are replicated over tp 2 (so split 4 ways);
+    # 8 and 4 divide every row count here, so there is no FSDP padding.
+    assert abs(params - LLAMA2_7B_PARAMS / 8) <= NORM_PARAMS_7B / 8
+    assert params == (LLAMA2_7B_PARAMS - NORM_PARAMS_7B) // 8 + NORM_PARAMS_7B // 4
+    # fp32 master weights and gradients, two fp32 AdamW states.
+    for column, bytes_per_param in (("params GiB", 4), ("grads GiB", 4), ("AdamW GiB", 8)):
+        assert abs(float(row[column]) - params * bytes_per_param / GIB) < 0.006, column
+    # The largest gathered unit is the root: embedding + output (vocab 32000 / tp 2 rows of 4096) and
+    # the final norm, in bf16.
+    assert abs(float(row["gathered GiB"]) - (2 * 16000 * 4096 + 4096) * 2 / GIB) < 0.006
+    assert abs(float(row["total GiB"]) - (16 * params + (2 * 16000 * 4096 + 4096) * 2) / GIB) < 0.006
+
+
+def test_pipeline_layout_has_one_row_per_pipeline_rank():
+    done = run_plan("--config", "train_configs/7b.toml", "--world-size", "8", "--parallelism.tp", "4",
+                    "--parallelism.pp", "2", "--parallelism.dp_shard", "1", "--parallelism.dp_replicate", "1",
+                    "--training.micro_batch_size", "2")
+    assert done.returncode == 0, done.stderr
+    rows = table(done.stdout)
+    assert [(r["rank"], r["pp"], r["layers"], r["emb/out"]) for r in rows] == [("0", "0", "0-15", "emb"),
+                                                                                 ("4", "1", "16-31", "out")]
+    held = sum(int(r["params"].replace(",", "")) for r in rows)
+    # Two stages of a quarter each (tp 4), norms replicated over tp: the whole model once per tp rank.
+    assert held == (LLAMA2_7B_PARAMS - NORM_PARAMS_7B) // 4 + NORM_PARAMS_7B
+
+
+def test_bad_world_size_is_one_error_line():
+    done = run_plan("--config", "train_configs/7b.toml", "--world-size", "6", "--parallelism.tp", "2",
+                    "--parallelism.dp_shard", "4")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ") and "world size is 6" in done.stderr
+    assert done.stdout == ""
