@@ -210,7 +210,8 @@ class Trainer:
             raise DataError(f"step {self.step}: the global batch has no label tokens; check the data "
                             f"(sft outputs truncated by training.seq_len?)")
         loss = sum(self.run_micro_batch(batch, backward=True) for batch in micro_batches)
-        grad_norm = clip_global_grad_norm(self.model.parameters(), self.cfg.training.max_norm, self.pp_group)
+        grad_norm = clip_global_grad_norm(self.model.parameters(), self.cfg.training.max_norm, self.device,
+                                          self.pp_group)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

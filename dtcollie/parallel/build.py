@@ -7,6 +7,8 @@ No rank ever holds the full model unless the layout is one rank.
 from dataclasses import dataclass
 
 import torch
+import torch._functorch.config
+import torch._inductor.config
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -52,6 +54,11 @@ def compile_blocks(model: nn.Module, tensor_parallel: bool) -> None:
     with torch 2.13, a compiled whole block whose norms are sequence-parallel (or replicated)
     DTensor modules fails in backward ("'Tensor' object has no attribute '_local_tensor'"), while
     the two sub-modules, which hold all the matmuls, compile and train correctly."""
+    if tensor_parallel:
+        # With torch 2.13 a compiled TP module loaded from the inductor/AOTAutograd caches on a
+        # later run trains with wrong gradients (a fresh compile is exact): never reuse them.
+        torch._inductor.config.fx_graph_cache = False
+        torch._functorch.config.enable_autograd_cache = False
     for block in model.layers.values():
         if tensor_parallel:
             block.attention.compile()

@@ -6,8 +6,8 @@ so the shard shapes come from the real plan (pipeline split, TP, FSDP2 with its 
 formula that could drift from it. Memory is then read off the local shards:
 
 - parameters and gradients: the sharded (FSDP) or TP-local parameters in their storage dtype. With
-  `mixed_precision = "bf16"` that is still fp32: FSDP2's MixedPrecisionPolicy (or autocast, without
-  data parallelism) only casts for compute, and the gradient is reduced to the sharded fp32 param.
+  `mixed_precision = "bf16"` that is still fp32: FSDP2's MixedPrecisionPolicy (or autocast, on
+  one process) only casts for compute, and the gradient is reduced to the sharded fp32 param.
 - AdamW: two states per parameter (exp_avg, exp_avg_sq), each of the parameter's dtype.
 - gathered: the largest FSDP unit (one block, or the root's embedding + final norm + output)
   all-gathered in the compute dtype. It is transient, but FSDP prefetches the next unit while one

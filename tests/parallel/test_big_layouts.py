@@ -241,17 +241,17 @@ def test_rank_holds_the_expected_shards(name, rank):
         assert not wrong, f"local shapes (got, expected): {dict(list(wrong.items())[:6])}"
 
         # Every parameter is a DTensor over the dims that split or replicate it: HSDP's replica dim
-        # (Replicate), FSDP's shard dim, then tp.
-        dp_dims = (("dp_replicate",) if sizes["dp_replicate"] > 1 else ()) + (("dp_shard",) if dims.dp > 1 else ())
+        # (Replicate), FSDP's shard dim, then tp. These layouts are bf16, so FSDP (whose policy does
+        # the casting) is applied even where dp_shard is 1.
+        dp_dims = (("dp_replicate",) if sizes["dp_replicate"] > 1 else ()) + ("dp_shard",)
         for pname, p in params.items():
             assert isinstance(p, DTensor) and p.device_mesh.mesh_dim_names == dp_dims + ("tp",), pname
             if sizes["dp_replicate"] > 1:
                 assert p.placements[0] == Replicate(), pname
             assert p.dtype == torch.float32, pname  # fp32 master weights under bf16 mixed precision
-        if dims.dp > 1:
-            roots = [part for part in model.parts if isinstance(part, FSDPModule)]
-            assert len(roots) == len(model.parts)
-            assert all(r._get_fsdp_state()._mp_policy.param_dtype == torch.bfloat16 for r in roots)
+        roots = [part for part in model.parts if isinstance(part, FSDPModule)]
+        assert len(roots) == len(model.parts)
+        assert all(r._get_fsdp_state()._mp_policy.param_dtype == torch.bfloat16 for r in roots)
 
         for pname, shape in SPOT_CHECKS.get((name, rank), {}).items():
             assert tuple(params[pname].to_local().shape) == shape, pname
