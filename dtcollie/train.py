@@ -159,7 +159,7 @@ class Trainer:
         parallelism = self.cfg.parallelism
         microbatches = parallelism.pp_microbatches or self.model.num_stages
         return build_schedule(self.model.parts, self.model.stage_ids, self.model.num_stages, self.pp_group,
-                              self.device, parallelism.pp_schedule, microbatches, self.pipeline_loss)
+                              self.device, parallelism.pp_schedule, microbatches, self.step_loss)
 
     def loader(self, split: str):
         training = self.cfg.training
@@ -172,8 +172,9 @@ class Trainer:
         parallelism = self.cfg.parallelism
         return loss_parallel() if self.dims.tp > 1 and parallelism.loss_parallel else contextlib.nullcontext()
 
-    def pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per pipeline micro-batch, on the last stage: this step's share of the global token mean."""
+    def step_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One (pipeline) micro-batch's share of the step loss: summed token losses over the label
+        tokens of the whole global batch."""
         return self.loss_fn(logits, labels) / self.global_label_tokens
 
     def run_micro_batch(self, batch: dict, backward: bool) -> torch.Tensor:
@@ -192,7 +193,7 @@ class Trainer:
                 return plain(sum(losses)) if losses else torch.zeros((), device=self.device)
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 logits = self.model.parts[0](inputs)
-            loss = self.loss_fn(logits, labels) / self.global_label_tokens
+            loss = self.step_loss(logits, labels)
             if backward:
                 loss.backward()
         return plain(loss)
