@@ -75,16 +75,47 @@ class Training:
     device: str = option("auto", "auto picks CUDA when available, else CPU", choices=("auto", "cpu", "cuda"))
 
 
+OPTIMIZER_DEFAULT_BETAS = {"adamw": (0.9, 0.95), "lion": (0.9, 0.99), "adan": (0.98, 0.92, 0.99),
+                           "sophiag": (0.965, 0.99)}
+# Keys each optimizer reads besides name, lr and weight_decay; setting any other is an error.
+OPTIMIZER_KEYS = {
+    "adamw": {"beta1", "beta2", "eps", "implementation"},
+    "lion": {"beta1", "beta2"},
+    "adan": {"beta1", "beta2", "beta3", "eps", "no_prox"},
+    "sophiag": {"beta1", "beta2", "rho", "hessian_interval"},
+    "lomo": {"clip_grad_value"},
+    "adalomo": {"clip_grad_value", "clip_threshold", "decay_rate"},
+}
+
+
 @dataclass
 class Optimizer:
-    name: str = option("adamw", "optimizer", choices=("adamw",))
+    name: str = option("adamw", "optimizer; lomo and adalomo update inside backward (no gradient accumulation)",
+                       choices=tuple(OPTIMIZER_KEYS))
     lr: float = option(1e-3, "peak learning rate", minimum=0.0)
-    beta1: float = option(0.9, "first-moment decay", minimum=0.0)
-    beta2: float = option(0.95, "second-moment decay", minimum=0.0)
-    eps: float = option(1e-8, "denominator epsilon", minimum=0.0)
-    weight_decay: float = option(0.1, "decoupled weight decay on matrices (not norms)", minimum=0.0)
-    implementation: str = option("auto", "AdamW kernel: auto (= fused, on CUDA and CPU), fused, foreach, "
-                                 "for-loop", choices=("auto", "fused", "foreach", "for-loop"))
+    weight_decay: float = option(0.1, "weight decay (decoupled; norms excluded for adamw/lion/adan/sophiag)",
+                                 minimum=0.0)
+    beta1: float = option(-1.0, "first decay rate; -1: the optimizer's default (adamw 0.9, lion 0.9, adan 0.98, "
+                          "sophiag 0.965)", minimum=-1.0)
+    beta2: float = option(-1.0, "second decay rate; -1: the optimizer's default (adamw 0.95, lion 0.99, adan 0.92, "
+                          "sophiag 0.99)", minimum=-1.0)
+    beta3: float = option(-1.0, "adan: third decay rate; -1: 0.99", minimum=-1.0)
+    eps: float = option(1e-8, "adamw, adan: denominator epsilon", minimum=0.0)
+    implementation: str = option("auto", "adamw kernel: auto (= fused, on CUDA and CPU), fused, foreach, for-loop",
+                                 choices=("auto", "fused", "foreach", "for-loop"))
+    no_prox: bool = option(False, "adan: decoupled weight decay before the step instead of the proximal form")
+    rho: float = option(0.04, "sophiag: clipping scale of the Hessian-preconditioned step", minimum=0.0)
+    hessian_interval: int = option(10, "sophiag: re-estimate the diagonal Hessian every this many steps", minimum=1)
+    clip_grad_value: float = option(0.0, "lomo, adalomo: clip each gradient element to +-this; 0 disables",
+                                    minimum=0.0)
+    clip_threshold: float = option(1.0, "adalomo: update RMS above which the update is scaled down", minimum=0.0)
+    decay_rate: float = option(-0.8, "adalomo: second-moment decay exponent, beta2_t = 1 - t^decay_rate")
+
+    def betas(self) -> tuple:
+        """This optimizer's betas, with -1 entries replaced by its defaults."""
+        chosen = (self.beta1, self.beta2, self.beta3)
+        return tuple(default if value == -1.0 else value
+                     for value, default in zip(chosen, OPTIMIZER_DEFAULT_BETAS[self.name]))
 
 
 @dataclass
@@ -210,6 +241,7 @@ def _set(config: JobConfig, dotted: str, value, from_cli: bool) -> None:
     if from_cli:
         value = _parse_cli_value(value, kind)
     setattr(section, key, _coerce(dotted, value, kind))
+    config.explicit_keys.add(dotted)
 
 
 def _check_values(config: JobConfig) -> None:
@@ -222,6 +254,13 @@ def _check_values(config: JobConfig) -> None:
                 raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {', '.join(choices)}")
             if minimum is not None and (value < minimum or (isinstance(value, float) and math.isnan(value))):
                 raise ConfigError(f"{key} = {value!r} is too small; it must be >= {minimum}")
+    optimizer = config.optimizer
+    allowed = OPTIMIZER_KEYS[optimizer.name] | {"name", "lr", "weight_decay"}
+    foreign = sorted(key for key in config.explicit_keys
+                     if key.startswith("optimizer.") and key.split(".", 1)[1] not in allowed)
+    if foreign:
+        raise ConfigError(f"{foreign[0]} does not apply to optimizer.name = {optimizer.name!r}; its keys are "
+                          f"{', '.join(sorted(allowed))}")
     training, scheduler = config.training, config.lr_scheduler
     if config.lr_scheduler.min_lr > config.optimizer.lr:
         raise ConfigError(f"lr_scheduler.min_lr = {scheduler.min_lr} exceeds optimizer.lr = {config.optimizer.lr}")
@@ -257,6 +296,7 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]
 def load(path: str | None = None, overrides: list[tuple[str, str]] = ()) -> JobConfig:
     """Defaults, then the TOML file, then command-line overrides; checked."""
     config = JobConfig()
+    config.explicit_keys = set()  # keys the file or command line set, for per-optimizer checks
     if path:
         try:
             data = tomllib.loads(Path(path).read_text())

@@ -29,6 +29,8 @@ from dtcollie.loss import IGNORE_INDEX, cross_entropy_sum
 from dtcollie.lr import build_lr_scheduler
 from dtcollie.metrics import MetricsLogger, Throughput, console_line, peak_flops, peak_memory_gib
 from dtcollie.models.hf import load_model_args
+from dtcollie.optim import SophiaG
+from dtcollie.optim.build import FUSED_OPTIMIZERS, build_optimizer
 from dtcollie.models.llama import FLAVORS, ModelArgs, Transformer, count_parameters, flops_per_token
 from dtcollie.parallel.build import check_layout, materialize, parallelize_model
 from dtcollie.parallel.mesh import ParallelDims
@@ -64,20 +66,6 @@ def model_args_for(cfg: JobConfig, vocab_size: int) -> ModelArgs:
     args.max_seq_len = cfg.training.seq_len
     args.attention = cfg.model.attention
     return args
-
-
-def param_groups(parameters: list, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and embeddings, none on norm scales."""
-    decay = [p for p in parameters if p.ndim >= 2]
-    no_decay = [p for p in parameters if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_adamw(parameters: list, cfg: config_module.Optimizer):
-    implementation = "fused" if cfg.implementation == "auto" else cfg.implementation  # fused: CUDA and CPU
-    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[implementation]
-    return torch.optim.AdamW(param_groups(parameters, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, **kernel)
 
 
 def cycle(loader):
@@ -143,7 +131,8 @@ class Trainer:
         # The step loss lives on the last pipeline stage and is split over data-parallel ranks.
         self.loss_groups = self.dp_groups + ([self.pp_group] if self.pp_group is not None else [])
         self.schedule = self.build_schedule() if self.dims.pp > 1 else None
-        self.optimizer = build_adamw(self.model.parameters(), cfg.optimizer)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model.parts, training.max_norm, self.pp_group)
+        self.fused = cfg.optimizer.name in FUSED_OPTIMIZERS
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.optimizer.lr, training.steps, cfg.lr_scheduler)
         self.accumulation_steps = training.global_batch_size // (training.micro_batch_size * self.dims.dp)
         self.train_loader = self.loader("train")
@@ -194,7 +183,9 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 logits = self.model.parts[0](inputs)
             loss = self.step_loss(logits, labels)
-            if backward:
+            if backward and self.fused:
+                self.optimizer.fused_backward(loss)  # parameters are updated during this backward
+            elif backward:
                 loss.backward()
         return plain(loss)
 
@@ -211,14 +202,41 @@ class Trainer:
             raise DataError(f"step {self.step}: the global batch has no label tokens; check the data "
                             f"(sft outputs truncated by training.seq_len?)")
         loss = sum(self.run_micro_batch(batch, backward=True) for batch in micro_batches)
-        grad_norm = clip_global_grad_norm(self.model.parameters(), self.cfg.training.max_norm, self.device,
-                                          self.pp_group)
-        self.optimizer.step()
+        if self.fused:
+            norm = self.optimizer.last_grad_norm  # measured by the two-pass clipping, if any
+            grad_norm = torch.tensor(math.nan) if norm is None else norm
+        else:
+            grad_norm = clip_global_grad_norm(self.model.parameters(), self.cfg.training.max_norm, self.device,
+                                              self.pp_group)
+            self.optimizer_step(micro_batches)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = sum_over(loss.float(), self.loss_groups)
         tokens = sum(b["input_ids"].numel() for b in micro_batches) * self.dims.dp
         return loss.item(), grad_norm.item(), tokens
+
+    def optimizer_step(self, micro_batches: list[dict]) -> None:
+        if not isinstance(self.optimizer, SophiaG):
+            self.optimizer.step()
+            return
+        # Sophia scales its Hessian estimate by the tokens of the global batch.
+        self.optimizer.step(bs=sum(b["input_ids"].numel() for b in micro_batches) * self.dims.dp)
+        if (self.step - 1) % self.cfg.optimizer.hessian_interval == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.sophia_hessian_pass(micro_batches[0])
+            self.optimizer.update_hessian()
+
+    def sophia_hessian_pass(self, batch: dict) -> None:
+        """Gauss-Newton-Bartlett: gradients of the loss on labels sampled from the model's own
+        softmax (positions without labels stay ignored), averaged over the batch's label tokens."""
+        inputs, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+        label_tokens = self.count_label_tokens([batch])
+        with self.loss_context():
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                logits = self.model.parts[0](inputs)
+            sampled = torch.distributions.Categorical(logits=plain(logits).float()).sample()
+            sampled = torch.where(labels == IGNORE_INDEX, IGNORE_INDEX, sampled)
+            (self.loss_fn(logits, sampled) / label_tokens).backward()
 
     @torch.no_grad()
     def evaluate(self) -> dict:

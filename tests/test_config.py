@@ -41,6 +41,8 @@ def test_cli_forms():
     ("[optimizer]\nlr = 1e-4\n[lr_scheduler]\nmin_lr = 1e-3\n", "exceeds optimizer.lr"),
     ("[parallelism]\ntpp = 2\n", "unknown key parallelism.tpp; did you mean parallelism.tp?"),
     ("[training\nsteps = 5\n", "is not valid TOML"),
+    ("[optimizer]\nname = 'lion'\neps = 1e-6\n", "optimizer.eps does not apply to optimizer.name = 'lion'; its keys are"),
+    ("[optimizer]\nname = 'adalomo'\nbeta1 = 0.9\n", "optimizer.beta1 does not apply to optimizer.name = 'adalomo'"),
 ])
 def test_errors_name_the_key(tmp_path, toml, message):
     with pytest.raises(ConfigError) as err:
@@ -72,3 +74,9 @@ def test_shipped_configs_load_and_debug_is_the_default():
     layouts = {name: config.load(f"train_configs/{name}.toml").parallelism for name in ("13b", "llama3_8b", "70b")}
     assert (layouts["70b"].tp, layouts["70b"].pp, layouts["70b"].dp_shard) == (8, 4, 2)
     assert layouts["llama3_8b"].dp_shard == 8 and layouts["13b"].tp == 2
+
+
+def test_optimizer_betas_default_per_optimizer(tmp_path):
+    assert config.load(None, [("optimizer.name", "lion")]).optimizer.betas() == (0.9, 0.99)
+    assert config.load(None, [("optimizer.name", "adan"), ("optimizer.beta2", "0.9")]).optimizer.betas() == (0.98, 0.9, 0.99)
+    assert config.load(None, []).optimizer.betas() == (0.9, 0.95)

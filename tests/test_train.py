@@ -10,6 +10,7 @@ import torch
 
 from dtcollie import config
 from dtcollie.checkpoint import save_model_weights
+from dtcollie.errors import ConfigError
 from dtcollie.train import Trainer
 
 # Small and fast: the debug model on 32-token sequences.
@@ -104,3 +105,17 @@ def test_sigterm_finishes_the_step_and_exits_cleanly(tmp_path):
     assert "stopped by SIGTERM after step" in out
     steps = [r["step"] for r in records(tmp_path)]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) < 100
+
+
+def test_sophia_really_updates_its_hessian(tmp_path):
+    trainer, losses = train_losses(tmp_path, "sophia", [("training.steps", "3"), ("optimizer.name", "sophiag"),
+                                                        ("optimizer.hessian_interval", "2")])
+    hessians = [trainer.optimizer.state[p]["hessian"] for p in trainer.model.parameters()]
+    assert all(h.abs().sum() > 0 for h in hessians)  # estimated at steps 1 and 3, not left at zero
+    assert losses[2] < losses[0]
+
+
+def test_fused_optimizer_refuses_gradient_accumulation(tmp_path):
+    with pytest.raises(ConfigError, match="cannot accumulate gradients"):
+        Trainer(config.load("train_configs/debug.toml", FAST + [("optimizer.name", "lomo"),
+                                                                 ("training.micro_batch_size", "4")]))

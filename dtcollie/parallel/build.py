@@ -74,6 +74,13 @@ def check_layout(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, device: to
     check_tensor_parallel(args, dims.tp, training.seq_len, cfg.parallelism.sequence_parallel)
     if dims.pp > 1:
         check_pipeline_config(cfg.parallelism, args, training.micro_batch_size)
+    name = cfg.optimizer.name
+    if name in ("lomo", "adalomo", "sophiag") and dims.pp > 1:
+        raise ConfigError(f"optimizer.name = {name!r} with parallelism.pp > 1 is not supported yet; use pp = 1")
+    if name in ("lomo", "adalomo") and training.global_batch_size != training.micro_batch_size * dims.dp:
+        raise ConfigError(f"optimizer.name = {name!r} updates during backward, so it cannot accumulate gradients: "
+                          f"set training.micro_batch_size = global_batch_size / data-parallel ranks = "
+                          f"{training.global_batch_size} / {dims.dp}")
     per_step = training.micro_batch_size * dims.dp
     if training.global_batch_size % per_step:
         raise ConfigError(f"training.global_batch_size = {training.global_batch_size} is not a multiple of "

@@ -140,3 +140,14 @@ def test_bad_layout_is_one_line_exit_2_on_every_rank(tmp_path, world, overrides,
         assert result.returncode == 2, result.stderr[-2000:]
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
         assert message in result.stderr
+
+
+@pytest.mark.parametrize("optimizer", ["lion", "adan", "lomo", "adalomo"])
+def test_optimizer_matches_one_process_under_dp_shard_and_tp(tmp_path, weights, optimizer):
+    """Each optimizer's steps under dp_shard 2 and tp 2 give the single-process losses (LOMO and
+    AdaLomo update inside backward, on FSDP's reduce-scattered shards and on TP shards)."""
+    chosen = ["--optimizer.name", optimizer]
+    one = losses_of_run(tmp_path / "one", weights, 1, chosen)
+    assert len(one) == STEPS and one[1] != one[0]
+    for name, overrides in (("dp2", ["--training.micro_batch_size", "4"]), ("tp2", ["--parallelism.tp", "2"])):
+        assert losses_of_run(tmp_path / name, weights, 2, chosen + overrides) == pytest.approx(one, rel=1e-5), name
