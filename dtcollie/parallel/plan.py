@@ -8,7 +8,9 @@ formula that could drift from it. Memory is then read off the local shards:
 - parameters and gradients: the sharded (FSDP) or TP-local parameters in their storage dtype. With
   `mixed_precision = "bf16"` that is still fp32: FSDP2's MixedPrecisionPolicy (or autocast, on
   one process) only casts for compute, and the gradient is reduced to the sharded fp32 param.
-- AdamW: two states per parameter (exp_avg, exp_avg_sq), each of the parameter's dtype.
+- optimizer state: copies of the parameter per optimizer (AdamW 2, Lion 1, Adan 4, SophiaG 2);
+  LOMO keeps none and AdaLomo only factored row/column statistics (counted as none). Fused
+  optimizers (LOMO, AdaLomo) also never hold more than one gradient: grads count the largest one.
 - gathered: the largest FSDP unit (one block, or the root's embedding + final norm + output)
   all-gathered in the compute dtype. It is transient, but FSDP prefetches the next unit while one
   is in use, so about two of them coexist. With fsdp_reshard_after_forward = false every unit
@@ -37,7 +39,8 @@ from dtcollie.parallel.build import ParallelModel, check_layout, parallelize_mod
 from dtcollie.parallel.mesh import MESH_DIMS, ParallelDims
 
 GIB = 1024 ** 3
-ADAMW_STATES = 2
+STATE_COPIES = {"adamw": 2, "lion": 1, "adan": 4, "sophiag": 2, "lomo": 0, "adalomo": 0}
+FUSED = ("lomo", "adalomo")
 
 
 def plan_model_args(cfg: JobConfig) -> ModelArgs:
@@ -147,10 +150,13 @@ def layer_ids(model: ParallelModel) -> list[int]:
 
 def plan_rank(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, rank: int) -> dict:
     """What `rank` holds under this layout: its stages and layers, its parameter count, and the
-    parameter, gradient, AdamW-state and gathered-unit bytes that implies."""
+    parameter, gradient, optimizer-state and gathered-unit bytes that implies."""
     model = build_rank(cfg, args, dims, rank)
     params = model.parameters()
-    param_bytes = sum(local_tensor(p).numel() * local_tensor(p).element_size() for p in params)
+    sizes = [local_tensor(p).numel() * local_tensor(p).element_size() for p in params]
+    param_bytes = sum(sizes)
+    grad_bytes = max(sizes) if cfg.optimizer.name in FUSED else param_bytes
+    state_bytes = STATE_COPIES[cfg.optimizer.name] * param_bytes
     gathered = gathered_bytes(cfg, model)
     return {
         "rank": rank,
@@ -161,10 +167,10 @@ def plan_rank(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, rank: int) ->
         "has_output": model.has_last_stage,
         "params": sum(local_tensor(p).numel() for p in params),
         "param_bytes": param_bytes,
-        "grad_bytes": param_bytes,
-        "optimizer_bytes": ADAMW_STATES * param_bytes,
+        "grad_bytes": grad_bytes,
+        "optimizer_bytes": state_bytes,
         "gathered_bytes": gathered,
-        "total_bytes": (2 + ADAMW_STATES) * param_bytes + gathered,  # params, grads, states, gathered unit
+        "total_bytes": param_bytes + grad_bytes + state_bytes + gathered,
     }
 
 
@@ -208,7 +214,7 @@ def format_plan(result: dict, cfg: JobConfig) -> str:
     name = cfg.model.args_path or cfg.model.flavor
     lines = [f"model {name}: {result['model_params']:,} parameters (dim {args.dim}, {args.n_layers} layers, "
              f"vocab {args.vocab_size}); world {dims.world_size}: {dims.describe()}; mixed_precision {precision}"]
-    header = ("rank", "pp", "stages", "layers", "emb/out", "params", "params GiB", "grads GiB", "AdamW GiB",
+    header = ("rank", "pp", "stages", "layers", "emb/out", "params", "params GiB", "grads GiB", "state GiB",
               "gathered GiB", "total GiB")
     rows = [header]
     for r in result["ranks"]:
@@ -231,7 +237,9 @@ def notes(cfg: JobConfig, dims: ParallelDims) -> list[str]:
     padding = " (FSDP pads uneven dim-0 shards to the first shard's size)" if dims.dp_shard > 1 else ""
     out = [f"one row per pipeline rank; ranks differing only in {' / '.join(alike)} hold equal shards{padding}"
            if alike else "one row per pipeline rank",
-           "params, grads, AdamW: fp32 master weights of this rank, their gradients, 2 AdamW states each"]
+           f"params, grads, state: fp32 master weights of this rank, their gradients, {cfg.optimizer.name} state "
+           f"({STATE_COPIES[cfg.optimizer.name]} copies of the weights"
+           + ("; fused: one gradient at a time)" if cfg.optimizer.name in FUSED else ")")]
     if dims.dp > 1:
         if parallelism.fsdp_reshard_after_forward:
             out.append(f"gathered: largest FSDP unit all-gathered in {compute}, transient (with prefetch about two "
@@ -243,6 +251,6 @@ def notes(cfg: JobConfig, dims: ParallelDims) -> list[str]:
         out.append("gathered: 0 without FSDP (dp = 1)" +
                    ("; bf16 autocast caches a bf16 copy of the weights it uses" if compute == "bf16" else ""))
     if parallelism.fsdp_cpu_offload and dims.dp > 1:
-        out.append("fsdp_cpu_offload = true: params, grads and AdamW states live in host memory, not on the GPU")
-    out.append("total = params + grads + AdamW + gathered; activations are not included")
+        out.append("fsdp_cpu_offload = true: params, grads and optimizer state live in host memory, not on the GPU")
+    out.append("total = params + grads + state + gathered; activations are not included")
     return out

@@ -46,7 +46,7 @@ def test_7b_on_8_ranks_holds_an_eighth_of_the_model():
     assert abs(params - LLAMA2_7B_PARAMS / 8) <= NORM_PARAMS_7B / 8
     assert params == (LLAMA2_7B_PARAMS - NORM_PARAMS_7B) // 8 + NORM_PARAMS_7B // 4
     # fp32 master weights and gradients, two fp32 AdamW states.
-    for column, bytes_per_param in (("params GiB", 4), ("grads GiB", 4), ("AdamW GiB", 8)):
+    for column, bytes_per_param in (("params GiB", 4), ("grads GiB", 4), ("state GiB", 8)):
         assert abs(float(row[column]) - params * bytes_per_param / GIB) < 0.006, column
     # The largest gathered unit is the root: embedding + output (vocab 32000 / tp 2 rows of 4096) and
     # the final norm, in bf16.
@@ -73,3 +73,14 @@ def test_bad_world_size_is_one_error_line():
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ") and "world size is 6" in done.stderr
     assert done.stdout == ""
+
+
+def test_lomo_plan_has_no_state_and_one_gradient():
+    result = subprocess.run([sys.executable, "tools/plan_memory.py", "--config", "train_configs/7b_lomo.toml",
+                             "--world-size", "8"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    row = result.stdout.splitlines()[2].split()  # the rank-0 row; its last 5 cells are the GiB columns
+    params_gib, grads_gib, state_gib, _, total_gib = map(float, row[-5:])
+    assert state_gib == 0.0
+    assert 0 < grads_gib < params_gib / 30  # the largest single gradient, not all of them
+    assert total_gib < params_gib + 1.0
