@@ -241,7 +241,6 @@ def _set(config: JobConfig, dotted: str, value, from_cli: bool) -> None:
     if from_cli:
         value = _parse_cli_value(value, kind)
     setattr(section, key, _coerce(dotted, value, kind))
-    config.explicit_keys.add(dotted)
 
 
 def _check_values(config: JobConfig) -> None:
@@ -254,10 +253,12 @@ def _check_values(config: JobConfig) -> None:
                 raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {', '.join(choices)}")
             if minimum is not None and (value < minimum or (isinstance(value, float) and math.isnan(value))):
                 raise ConfigError(f"{key} = {value!r} is too small; it must be >= {minimum}")
+    # A key of another optimizer set away from its default would be silently ignored: refuse it.
+    # (Defaults are allowed, so an effective config.toml, which lists every key, loads again.)
     optimizer = config.optimizer
     allowed = OPTIMIZER_KEYS[optimizer.name] | {"name", "lr", "weight_decay"}
-    foreign = sorted(key for key in config.explicit_keys
-                     if key.startswith("optimizer.") and key.split(".", 1)[1] not in allowed)
+    foreign = [f"optimizer.{f.name}" for f in dataclasses.fields(optimizer)
+               if f.name not in allowed and getattr(optimizer, f.name) != f.default]
     if foreign:
         raise ConfigError(f"{foreign[0]} does not apply to optimizer.name = {optimizer.name!r}; its keys are "
                           f"{', '.join(sorted(allowed))}")
@@ -296,7 +297,6 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]
 def load(path: str | None = None, overrides: list[tuple[str, str]] = ()) -> JobConfig:
     """Defaults, then the TOML file, then command-line overrides; checked."""
     config = JobConfig()
-    config.explicit_keys = set()  # keys the file or command line set, for per-optimizer checks
     if path:
         try:
             data = tomllib.loads(Path(path).read_text())

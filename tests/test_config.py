@@ -52,9 +52,11 @@ def test_errors_name_the_key(tmp_path, toml, message):
 
 
 def test_effective_config_round_trips(tmp_path):
-    cfg = config.load(None, [("training.steps", "3"), ("data.val_files", "[\"v.txt\"]"), ("job.dump_folder", "a b/c")])
-    again = config.load(write(tmp_path, config.to_toml(cfg)))
-    assert again == cfg
+    for optimizer in ("adamw", "adalomo"):
+        cfg = config.load(None, [("training.steps", "3"), ("data.val_files", "[\"v.txt\"]"),
+                                 ("job.dump_folder", "a b/c"), ("optimizer.name", optimizer)])
+        again = config.load(write(tmp_path, config.to_toml(cfg)))
+        assert again == cfg
 
 
 def test_entry_point_reports_one_line_and_exit_2(tmp_path):
