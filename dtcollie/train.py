@@ -76,10 +76,11 @@ def cycle(loader):
         yield from loader
 
 
-def plain(loss: torch.Tensor) -> torch.Tensor:
-    """A detached ordinary tensor (a loss-parallel loss is a replicated DTensor)."""
-    loss = loss.detach()
-    return loss.full_tensor() if isinstance(loss, DTensor) else loss
+def plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached ordinary tensor holding the full value (a loss-parallel loss is a replicated
+    DTensor, loss-parallel logits a vocab-sharded one)."""
+    tensor = tensor.detach()
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 class StopFlag:
@@ -161,6 +162,11 @@ class Trainer:
         parallelism = self.cfg.parallelism
         return loss_parallel() if self.dims.tp > 1 and parallelism.loss_parallel else contextlib.nullcontext()
 
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits of the (single-stage) model, under autocast when this run uses it."""
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return self.model.parts[0](inputs)
+
     def step_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One (pipeline) micro-batch's share of the step loss: summed token losses over the label
         tokens of the whole global batch."""
@@ -180,8 +186,7 @@ class Trainer:
                 (self.schedule.step if backward else self.schedule.eval)(*stage_inputs, return_outputs=False,
                                                                          **targets)
                 return plain(sum(losses)) if losses else torch.zeros((), device=self.device)
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                logits = self.model.parts[0](inputs)
+            logits = self.forward(inputs)
             loss = self.step_loss(logits, labels)
             if backward and self.fused:
                 self.optimizer.fused_backward(loss)  # parameters are updated during this backward
@@ -202,25 +207,25 @@ class Trainer:
             raise DataError(f"step {self.step}: the global batch has no label tokens; check the data "
                             f"(sft outputs truncated by training.seq_len?)")
         loss = sum(self.run_micro_batch(batch, backward=True) for batch in micro_batches)
+        tokens = sum(b["input_ids"].numel() for b in micro_batches) * self.dims.dp
         if self.fused:
             norm = self.optimizer.last_grad_norm  # measured by the two-pass clipping, if any
             grad_norm = torch.tensor(math.nan) if norm is None else norm
         else:
             grad_norm = clip_global_grad_norm(self.model.parameters(), self.cfg.training.max_norm, self.device,
                                               self.pp_group)
-            self.optimizer_step(micro_batches)
+            self.optimizer_step(micro_batches, tokens)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = sum_over(loss.float(), self.loss_groups)
-        tokens = sum(b["input_ids"].numel() for b in micro_batches) * self.dims.dp
         return loss.item(), grad_norm.item(), tokens
 
-    def optimizer_step(self, micro_batches: list[dict]) -> None:
+    def optimizer_step(self, micro_batches: list[dict], global_tokens: int) -> None:
         if not isinstance(self.optimizer, SophiaG):
             self.optimizer.step()
             return
         # Sophia scales its Hessian estimate by the tokens of the global batch.
-        self.optimizer.step(bs=sum(b["input_ids"].numel() for b in micro_batches) * self.dims.dp)
+        self.optimizer.step(bs=global_tokens)
         if (self.step - 1) % self.cfg.optimizer.hessian_interval == 0:
             self.optimizer.zero_grad(set_to_none=True)
             self.sophia_hessian_pass(micro_batches[0])
@@ -232,8 +237,7 @@ class Trainer:
         inputs, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
         label_tokens = self.count_label_tokens([batch])
         with self.loss_context():
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                logits = self.model.parts[0](inputs)
+            logits = self.forward(inputs)
             sampled = torch.distributions.Categorical(logits=plain(logits).float()).sample()
             sampled = torch.where(labels == IGNORE_INDEX, IGNORE_INDEX, sampled)
             (self.loss_fn(logits, sampled) / label_tokens).backward()
