@@ -119,3 +119,12 @@ def test_fused_optimizer_refuses_gradient_accumulation(tmp_path):
     with pytest.raises(ConfigError, match="cannot accumulate gradients"):
         Trainer(config.load("train_configs/debug.toml", FAST + [("optimizer.name", "lomo"),
                                                                  ("training.micro_batch_size", "4")]))
+
+
+def test_compiled_blocks_train_with_the_two_pass_lomo(tmp_path):
+    """LOMO's norm pass keeps the graph for the update pass: compiled blocks must allow that."""
+    steps = [("training.steps", "2"), ("optimizer.name", "lomo")]
+    _, eager = train_losses(tmp_path, "eager", steps)
+    _, compiled = train_losses(tmp_path, "compiled", steps + [("compile.enable", "true")])
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    assert len(compiled) == 2

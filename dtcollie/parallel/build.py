@@ -16,6 +16,7 @@ from dtcollie.checkpoint import load_model_weights
 from dtcollie.config import JobConfig
 from dtcollie.errors import ConfigError
 from dtcollie.models.llama import ModelArgs, Transformer, check_attention
+from dtcollie.optim.build import FUSED_OPTIMIZERS
 from dtcollie.parallel.activation import apply_activation_checkpointing
 from dtcollie.parallel.fsdp import apply_fsdp
 from dtcollie.parallel.mesh import ParallelDims
@@ -47,13 +48,18 @@ class ParallelModel:
             part.train(mode)
 
 
-def compile_blocks(model: nn.Module, tensor_parallel: bool) -> None:
+def compile_blocks(model: nn.Module, tensor_parallel: bool, retains_graph: bool) -> None:
     """torch.compile each transformer block in place (parameter names unchanged).
 
     Under tensor parallelism the attention and feed-forward inside each block are compiled instead:
     with torch 2.13, a compiled whole block whose norms are sequence-parallel (or replicated)
     DTensor modules fails in backward ("'Tensor' object has no attribute '_local_tensor'"), while
-    the two sub-modules, which hold all the matmuls, compile and train correctly."""
+    the two sub-modules, which hold all the matmuls, compile and train correctly.
+
+    `retains_graph`: a backward will run with retain_graph=True (LOMO/AdaLomo's norm pass), which
+    compiled backwards with donated buffers refuse."""
+    if retains_graph:
+        torch._functorch.config.donated_buffer = False
     if tensor_parallel:
         # With torch 2.13 a compiled TP module loaded from the inductor/AOTAutograd caches on a
         # later run trains with wrong gradients (a fresh compile is exact): never reuse them.
@@ -105,7 +111,7 @@ def parallelize_model(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh:
             apply_tensor_parallel(part, mesh["tp"], parallelism.sequence_parallel, parallelism.loss_parallel)
         apply_activation_checkpointing(part, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_every)
         if cfg.compile.enable:
-            compile_blocks(part, tensor_parallel=dims.tp > 1)
+            compile_blocks(part, tensor_parallel=dims.tp > 1, retains_graph=cfg.optimizer.name in FUSED_OPTIMIZERS)
         # FSDP also on a size-1 data-parallel mesh for bf16: its mixed-precision policy is what
         # casts parameters for TP and pipeline stages (autocast does not cover pipeline schedules).
         if dims.dp > 1 or (mesh is not None and param_dtype == torch.bfloat16):
