@@ -53,13 +53,14 @@ def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def check_shapes(found: dict[str, tuple | None], expected: dict[str, tuple], source: str) -> None:
-    """Refuse missing, unexpected or mis-shaped tensors, naming the first few of each.
+def check_shapes(found: dict[str, tuple | None], expected: dict[str, tuple], source: str,
+                 allow_unexpected: bool = False) -> None:
+    """Refuse missing, unexpected (unless allowed) or mis-shaped tensors, naming the first few of each.
 
     `found` maps names to shapes; None marks an entry that is not a tensor.
     """
     missing = [name for name in expected if name not in found]
-    unexpected = [name for name in found if name not in expected]
+    unexpected = [] if allow_unexpected else [name for name in found if name not in expected]
     wrong = [f"{name} (checkpoint {_shape(found[name])}, model {list(expected[name])})"
              for name in expected if name in found and _shape(found[name]) != list(expected[name])]
     problems = [f"{label}: {_first(names)}" for label, names in
@@ -123,7 +124,7 @@ def checkpoint_shapes(metadata: Metadata) -> dict[str, tuple | None]:
 
 
 @contextlib.contextmanager
-def _single_process_dcp():
+def single_process_dcp():
     """DCP warns on every call without a process group; on one process that is the intended use."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.distributed is .*single process")
@@ -141,7 +142,7 @@ def save_model_weights(model_or_state_dict: nn.Module | dict, folder: str | Path
     else:
         state_dict = dict(model_or_state_dict)
     Path(folder).mkdir(parents=True, exist_ok=True)
-    with _single_process_dcp():
+    with single_process_dcp():
         dcp.save(state_dict, storage_writer=FileSystemWriter(folder), no_dist=_no_dist())
 
 
@@ -155,24 +156,46 @@ def load_model_weights(model: nn.Module | list[nn.Module], folder: str | Path, r
     expected = model_state_dict(reference if reference is not None else parts[0])
     check_shapes(checkpoint_shapes(read_checkpoint_metadata(folder)),
                  {name: tuple(t.shape) for name, t in expected.items()}, f"checkpoint {folder}")
-    _dcp_load({name: t for part in parts for name, t in model_state_dict(part).items()}, folder)
+    # Only the reference's keys: a LoRA model loads its base weights and keeps its fresh adapters.
+    _dcp_load({name: t for part in parts for name, t in model_state_dict(part).items() if name in expected}, folder)
+
+
+TRAINING_MODEL_PREFIX = "model."  # a training checkpoint (dtcollie.checkpointer) stores its weights under it
+
+
+def stored_model_entries(metadata: Metadata) -> dict[str, str]:
+    """Model weight name -> stored key: every entry of a weights folder, or a training checkpoint's
+    `model.*` entries (its optimizer state and the rest are not weights)."""
+    keys = metadata.state_dict_metadata
+    if "step" not in keys:
+        return {key: key for key in keys}
+    return {key.removeprefix(TRAINING_MODEL_PREFIX): key for key in keys if key.startswith(TRAINING_MODEL_PREFIX)}
+
+
+def stored_model_shapes(folder: str | Path) -> dict[str, tuple | None]:
+    """Weight name -> shape of a weights folder or training checkpoint (see stored_model_entries)."""
+    metadata = read_checkpoint_metadata(folder)
+    shapes = checkpoint_shapes(metadata)
+    return {name: shapes[key] for name, key in stored_model_entries(metadata).items()}
 
 
 def load_weights_as_stored(folder: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a DCP folder, on CPU, in the dtype it was saved in (for conversion tools)."""
+    """Every weight of a DCP folder (or a training checkpoint's weights), on CPU, in the dtype it
+    was saved in (for conversion tools)."""
     metadata = read_checkpoint_metadata(folder)
+    entries = stored_model_entries(metadata)
     shapes = checkpoint_shapes(metadata)
-    not_tensors = [key for key, shape in shapes.items() if shape is None]
+    not_tensors = [name for name, key in entries.items() if shapes[key] is None]
     if not_tensors:
         raise CheckpointError(f"checkpoint {folder} holds non-tensor entries: {_first(not_tensors)}")
-    state_dict = {key: torch.empty(entry.size, dtype=entry.properties.dtype)
-                  for key, entry in metadata.state_dict_metadata.items()}
-    _dcp_load(state_dict, folder)
-    return state_dict
+    stored = {key: torch.empty(metadata.state_dict_metadata[key].size,
+                               dtype=metadata.state_dict_metadata[key].properties.dtype) for key in entries.values()}
+    _dcp_load(stored, folder)
+    return {name: stored[key] for name, key in entries.items()}
 
 
 def _dcp_load(state_dict: dict, folder: str | Path) -> None:
-    with _single_process_dcp():
+    with single_process_dcp():
         dcp.load(state_dict, storage_reader=SafeFileSystemReader(folder), no_dist=_no_dist())
 
 

@@ -146,6 +146,14 @@ class Data:
 @dataclass
 class Checkpoint:
     initial_load_path: str = option("", "DCP folder with model weights to start from (convert_hf_to_dcp output)")
+    interval: int = option(0, "save a resumable checkpoint to <dump_folder>/checkpoints/step-N every this many "
+                           "steps and at the end (0: never); a run started again with the same dump_folder "
+                           "resumes from the latest one", minimum=0)
+    keep_latest_k: int = option(3, "keep only this many latest checkpoints (0: keep all)", minimum=0)
+    model_only: bool = option(False, "the checkpoint at the end of training holds only the model weights (an "
+                              "export, as initial_load_path takes; not resumable)")
+    async_mode: str = option("disabled", "disabled: the loop waits for each save; async: DCP writes in a background "
+                             "thread while training goes on", choices=("disabled", "async"))
 
 
 @dataclass
@@ -156,7 +164,15 @@ class Metrics:
 
 @dataclass
 class Peft:
-    """Filled by the LoRA work; no keys yet."""
+    method: str = option("none", "parameter-efficient fine-tuning: none (train every weight) or lora (train only "
+                         "low-rank adapters; every other weight frozen)", choices=("none", "lora"))
+    rank: int = option(8, "lora: rank r of each adapter (A is r x in, B is out x r)", minimum=1)
+    alpha: float = option(16.0, "lora: the adapter output is scaled by alpha / rank (alpha / sqrt(rank) with "
+                          "use_rslora)", minimum=0.0)
+    dropout: float = option(0.0, "lora: dropout probability on the adapter input (below 1)", minimum=0.0)
+    use_rslora: bool = option(False, "lora: rank-stabilised scale alpha / sqrt(rank) instead of alpha / rank")
+    target_modules: list = option(["wq", "wk", "wv", "wo"], "lora: projections to adapt, any of wq wk wv wo w1 w2 "
+                                  "w3 output")
 
 
 @dataclass

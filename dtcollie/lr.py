@@ -1,11 +1,16 @@
 """Learning-rate schedule: linear warmup, then cosine, linear or no decay down to `min_lr`."""
 
 import math
+import warnings
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from dtcollie.config import LRScheduler
+
+# LOMO and AdaLomo update inside backward and never call optimizer.step(), which LambdaLR takes for
+# a scheduler stepped before its optimizer.
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
 
 
 def lr_at(step: int, peak_lr: float, total_steps: int, cfg: LRScheduler) -> float:

@@ -21,18 +21,20 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from dtcollie import config as config_module
+from dtcollie.checkpointer import Checkpointer, resume, training_state
 from dtcollie.cli import run_main
 from dtcollie.config import ConfigError, JobConfig
 from dtcollie.errors import DataError
 from dtcollie.data import build_dataloader, load_tokenizer
-from dtcollie.loss import IGNORE_INDEX, cross_entropy_sum
+from dtcollie.loss import IGNORE_INDEX, cross_entropy_sum, sample_labels
 from dtcollie.lr import build_lr_scheduler
 from dtcollie.metrics import MetricsLogger, Throughput, console_line, peak_flops, peak_memory_gib
-from dtcollie.models.hf import load_model_args
+from dtcollie.models.hf import MODEL_ARGS_FILE, load_model_args, save_model_args
 from dtcollie.optim import SophiaG
 from dtcollie.optim.build import FUSED_OPTIMIZERS, build_optimizer
+from dtcollie.peft import save_lora_config
 from dtcollie.models.llama import FLAVORS, ModelArgs, Transformer, count_parameters, flops_per_token
-from dtcollie.parallel.build import check_layout, materialize, parallelize_model
+from dtcollie.parallel.build import check_layout, lora_settings, materialize, parallelize_model
 from dtcollie.parallel.mesh import ParallelDims
 from dtcollie.parallel.pipeline import build_schedule
 from dtcollie.parallel.reduce import clip_global_grad_norm, sum_over
@@ -144,6 +146,12 @@ class Trainer:
         self.metrics = MetricsLogger(cfg.job.dump_folder, cfg.metrics.enable_tensorboard, enabled=self.rank == 0)
         self.step = 0
         self.global_label_tokens = 1
+        self.sampling_key = None  # set during Sophia's Hessian pass
+        self.checkpointer = Checkpointer(cfg.checkpoint, cfg.job.dump_folder, self.rank, use_dist=self.mesh is not None)
+        latest = self.checkpointer.latest() if self.checkpointer.enabled else None
+        if latest is not None:
+            resume(self, latest)
+            self.metrics.console(f"resumed from {latest} at step {self.step}")
 
     def build_schedule(self):
         parallelism = self.cfg.parallelism
@@ -169,7 +177,10 @@ class Trainer:
 
     def step_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One (pipeline) micro-batch's share of the step loss: summed token losses over the label
-        tokens of the whole global batch."""
+        tokens of the whole global batch. In Sophia's Hessian pass the labels are drawn from the
+        model's own softmax instead."""
+        if self.sampling_key is not None:
+            labels = sample_labels(plain(logits), labels, self.sampling_key)
         return self.loss_fn(logits, labels) / self.global_label_tokens
 
     def run_micro_batch(self, batch: dict, backward: bool) -> torch.Tensor:
@@ -178,14 +189,10 @@ class Trainer:
         inputs = batch["input_ids"].to(self.device)
         labels = batch["labels"].to(self.device)
         with self.loss_context():
+            if self.schedule is not None and backward and self.fused:
+                return self.fused_schedule_step(inputs, labels)
             if self.schedule is not None:
-                losses = []
-                stage_inputs = (inputs,) if self.model.has_first_stage else ()
-                targets = dict(target=labels, losses=losses) if self.model.has_last_stage else {}
-                # return_outputs=False: the last stage would otherwise keep every micro-batch's logits.
-                (self.schedule.step if backward else self.schedule.eval)(*stage_inputs, return_outputs=False,
-                                                                         **targets)
-                return plain(sum(losses)) if losses else torch.zeros((), device=self.device)
+                return self.schedule_step(inputs, labels, backward)
             logits = self.forward(inputs)
             loss = self.step_loss(logits, labels)
             if backward and self.fused:
@@ -193,6 +200,24 @@ class Trainer:
             elif backward:
                 loss.backward()
         return plain(loss)
+
+    def schedule_step(self, inputs: torch.Tensor, labels: torch.Tensor, backward: bool) -> torch.Tensor:
+        losses = []
+        stage_inputs = (inputs,) if self.model.has_first_stage else ()
+        targets = dict(target=labels, losses=losses) if self.model.has_last_stage else {}
+        # return_outputs=False: the last stage would otherwise keep every micro-batch's logits.
+        (self.schedule.step if backward else self.schedule.eval)(*stage_inputs, return_outputs=False, **targets)
+        return plain(sum(losses)) if losses else torch.zeros((), device=self.device)
+
+    def fused_schedule_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """LOMO/AdaLomo under pipeline parallelism: each stage's FSDP post-backward fires the update
+        hooks once the schedule's micro-batches are all in. Clipping needs the global norm before any
+        update, so the schedule then runs twice: once measuring, once updating."""
+        if self.optimizer.needs_norm_pass:
+            with self.optimizer.norm_pass():
+                self.schedule_step(inputs, labels, backward=True)
+        with self.optimizer.update_pass() as applied:
+            return self.schedule_step(inputs, labels, backward=applied)
 
     def count_label_tokens(self, batches: list[dict]) -> int:
         """Label tokens of the whole global batch: this rank's micro-batches summed over data parallel."""
@@ -227,20 +252,21 @@ class Trainer:
         # Sophia scales its Hessian estimate by the tokens of the global batch.
         self.optimizer.step(bs=global_tokens)
         if (self.step - 1) % self.cfg.optimizer.hessian_interval == 0:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.sophia_hessian_pass(micro_batches[0])
-            self.optimizer.update_hessian()
+            self.sophia_hessian_pass(micro_batches)
 
-    def sophia_hessian_pass(self, batch: dict) -> None:
-        """Gauss-Newton-Bartlett: gradients of the loss on labels sampled from the model's own
-        softmax (positions without labels stay ignored), averaged over the batch's label tokens."""
-        inputs, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
-        label_tokens = self.count_label_tokens([batch])
-        with self.loss_context():
-            logits = self.forward(inputs)
-            sampled = torch.distributions.Categorical(logits=plain(logits).float()).sample()
-            sampled = torch.where(labels == IGNORE_INDEX, IGNORE_INDEX, sampled)
-            (self.loss_fn(logits, sampled) / label_tokens).backward()
+    def sophia_hessian_pass(self, micro_batches: list[dict]) -> None:
+        """Gauss-Newton-Bartlett over the global batch: gradients of the token-mean loss on labels
+        sampled from the model's own softmax (positions without labels stay ignored). Each
+        sequence's draw depends only on the seed, the step and the sequence, so every layout
+        estimates the same Hessian."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.sampling_key = (self.cfg.job.seed, self.step)
+        try:
+            for batch in micro_batches:
+                self.run_micro_batch(batch, backward=True)
+        finally:
+            self.sampling_key = None
+        self.optimizer.update_hessian()
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -277,9 +303,24 @@ class Trainer:
         batches = cycle(self.train_loader)
         with StopFlag() as stop:
             self.run_steps(batches, throughput, stop)
+            if self.checkpointer.enabled and self.checkpointer.last_saved_step != self.step:
+                self.save_checkpoint(final=self.step == training.steps)
+            self.checkpointer.wait()
         if stop.signal_name is not None:
             self.metrics.console(f"stopped by {stop.signal_name} after step {self.step}")
         self.metrics.close()
+
+    def save_checkpoint(self, final: bool = False) -> None:
+        model_only = final and self.cfg.checkpoint.model_only
+        self.checkpointer.save(self.step, training_state(self, model_only), self.write_model_files)
+        self.metrics.console(f"checkpoint step-{self.step} saved{' (model only)' if model_only else ''}")
+
+    def write_model_files(self, folder: Path) -> None:
+        """What the weights in a checkpoint folder are: the model's shape, and the LoRA settings."""
+        save_model_args(self.model_args, folder / MODEL_ARGS_FILE)
+        lora = lora_settings(self.cfg)
+        if lora is not None:
+            save_lora_config(folder, lora)
 
     def agreed_stop(self, stop: StopFlag) -> bool:
         """Whether any rank was signalled: all ranks must leave the loop after the same step."""
@@ -301,6 +342,8 @@ class Trainer:
                           "layout": self.dims.describe()}
                 self.metrics.log(self.step, record)
                 self.metrics.console(console_line(self.step, training.steps, record))
+            if self.checkpointer.due(self.step):
+                self.save_checkpoint(final=self.step == training.steps)
             if self.val_loader is not None and (self.step % training.eval_interval == 0 or self.step == training.steps):
                 result = self.evaluate()
                 self.metrics.log(self.step, result)

@@ -54,6 +54,15 @@ class ResumableLoader(StatefulDataLoader):
         self.sampler.set_epoch(state_dict.pop("epoch", 0))
         super().load_state_dict({} if state_dict.get("_iterator_finished") else state_dict)
 
+    def seek(self, epoch: int, batches: int) -> None:
+        """Continue at batch `batches` of `epoch`, as if this loader had drawn that many (a resume
+        whose position was saved under another data-parallel layout)."""
+        self.sampler.set_epoch(epoch)
+        iterator = iter(self)
+        for _ in range(batches):
+            next(iterator)
+        self.load_state_dict(self.state_dict())
+
 
 def holdout_count(num_items: int, val_fraction: float) -> int:
     """How many trailing documents/examples form the validation split when no val_files are given."""

@@ -24,13 +24,14 @@ def build_optimizer(cfg: OptimizerConfig, parts: list[nn.Module], max_norm: floa
     """`parts`: this rank's model parts. Fused optimizers take the one module and clip by the global
     norm themselves (two-pass); the others leave clipping to the trainer."""
     if cfg.name in FUSED_OPTIMIZERS:
-        (module,) = parts
+        module = parts[0] if len(parts) == 1 else nn.ModuleList(parts)
         clipping = dict(clip_grad_norm=max_norm or None, clip_grad_value=cfg.clip_grad_value or None,
                         weight_decay=cfg.weight_decay, pp_group=pp_group)
         if cfg.name == "lomo":
             return LOMO(module, cfg.lr, **clipping)
         return AdaLomo(module, cfg.lr, clip_threshold=cfg.clip_threshold, decay_rate=cfg.decay_rate, **clipping)
-    groups = param_groups([p for part in parts for p in part.parameters()], cfg.weight_decay)
+    # Only trainable weights (with LoRA, the adapters) reach the optimizer.
+    groups = param_groups([p for part in parts for p in part.parameters() if p.requires_grad], cfg.weight_decay)
     betas = cfg.betas()
     if cfg.name == "lion":
         return Lion(groups, lr=cfg.lr, betas=betas)

@@ -19,6 +19,8 @@ the mesh dims that shard the dims being reduced; a mesh dim that replicates the 
 reduced, so it is counted once. `_StridedShard` (FSDP2 over TP) shards a dim like `Shard` does.
 """
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -191,13 +193,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
         Returns the global gradient norm (non-finite on overflow, after which the step is skipped).
         """
-        self._norms = SquareNormAccumulator()
-        self._mode = "norm"
-        try:
+        with self.norm_pass():
             self.scale_loss(loss).backward(retain_graph=True)
-        finally:
-            self._mode = None
-        return self._finish_norm()
+        return self.last_grad_norm
 
     def fused_backward(self, loss: torch.Tensor, lr: float | None = None) -> bool:
         """Backward with each parameter updated as its gradient arrives; False if skipped (overflow)."""
@@ -206,16 +204,34 @@ class FusedOptimizer(torch.optim.Optimizer):
                 group["lr"] = lr
         if self.needs_norm_pass and self._clip_coef is None and not self._overflow:
             self.grad_norm(loss)
-        if self._overflow:
-            self._end_step(applied=False)
-            return False
-        self._mode = "update"
+        with self.update_pass() as applied:
+            if applied:
+                self.scale_loss(loss).backward()
+        return applied
+
+    @contextlib.contextmanager
+    def norm_pass(self):
+        """Hooks only measure during any backward inside (LOMO's first pass; under pipeline
+        parallelism a whole schedule step); `last_grad_norm` holds the global norm afterwards."""
+        self._norms = SquareNormAccumulator()
+        self._mode = "norm"
         try:
-            self.scale_loss(loss).backward()
+            yield
         finally:
             self._mode = None
-        self._end_step(applied=True)
-        return True
+        self._finish_norm()
+
+    @contextlib.contextmanager
+    def update_pass(self):
+        """Hooks update during any backward inside. Yields False when the norm pass found an overflow:
+        the caller must then skip its backward (no parameter is touched)."""
+        applied = not self._overflow
+        self._mode = "update" if applied else None
+        try:
+            yield applied
+        finally:
+            self._mode = None
+        self._end_step(applied=applied)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -1,9 +1,10 @@
-"""Build the model one rank trains: pipeline split, then TP, then activation checkpointing, then
-compile, then FSDP, all on the meta device; then materialise and initialise or load.
+"""Build the model one rank trains: pipeline split, then LoRA adapters, then TP, then activation
+checkpointing, then compile, then FSDP, all on the meta device; then materialise and initialise or load.
 
 No rank ever holds the full model unless the layout is one rank.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from dtcollie.config import JobConfig
 from dtcollie.errors import ConfigError
 from dtcollie.models.llama import ModelArgs, Transformer, check_attention
 from dtcollie.optim.build import FUSED_OPTIMIZERS
+from dtcollie.peft import LoRAConfig, apply_lora, check_lora_config, init_lora
 from dtcollie.parallel.activation import apply_activation_checkpointing
 from dtcollie.parallel.fsdp import apply_fsdp
 from dtcollie.parallel.mesh import ParallelDims
@@ -73,17 +75,25 @@ def compile_blocks(model: nn.Module, tensor_parallel: bool, retains_graph: bool)
             block.compile()
 
 
+def lora_settings(cfg: JobConfig) -> LoRAConfig | None:
+    """The run's LoRA hyperparameters, or None when it trains every weight."""
+    if cfg.peft.method != "lora":
+        return None
+    peft = cfg.peft
+    return LoRAConfig(peft.rank, peft.alpha, list(peft.target_modules), peft.dropout, peft.use_rslora)
+
+
 def check_layout(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, device: torch.device) -> None:
     """Every layout mistake, as a ConfigError raised identically on every rank before any collective."""
     training = cfg.training
+    if lora_settings(cfg) is not None:
+        check_lora_config(lora_settings(cfg))
     check_attention(args, device, training.mixed_precision)
     check_tensor_parallel(args, dims.tp, training.seq_len, cfg.parallelism.sequence_parallel)
     if dims.pp > 1:
         check_pipeline_config(cfg.parallelism, args, training.micro_batch_size)
     name = cfg.optimizer.name
-    if name in ("lomo", "adalomo", "sophiag") and dims.pp > 1:
-        raise ConfigError(f"optimizer.name = {name!r} with parallelism.pp > 1 is not supported yet; use pp = 1")
-    if name in ("lomo", "adalomo") and training.global_batch_size != training.micro_batch_size * dims.dp:
+    if name in FUSED_OPTIMIZERS and training.global_batch_size != training.micro_batch_size * dims.dp:
         raise ConfigError(f"optimizer.name = {name!r} updates during backward, so it cannot accumulate gradients: "
                           f"set training.micro_batch_size = global_batch_size / data-parallel ranks = "
                           f"{training.global_batch_size} / {dims.dp}")
@@ -106,15 +116,22 @@ def parallelize_model(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh:
     else:
         num_stages, stage_ids, parts = 1, [0], [whole]
     param_dtype = torch.bfloat16 if cfg.training.mixed_precision == "bf16" else torch.float32
+    # FSDP also on a size-1 data-parallel mesh (a) for bf16: its mixed-precision policy is what
+    # casts parameters for TP and pipeline stages (autocast does not cover pipeline schedules);
+    # (b) for LOMO/AdaLomo under pipeline parallelism: a stage's gradients accumulate over the
+    # schedule's micro-batches, and FSDP's post-backward then fires the fused-update hooks once per
+    # step with the complete gradient, for every schedule (zero-bubble ones fill .grad directly).
+    fused = cfg.optimizer.name in FUSED_OPTIMIZERS
+    lora = lora_settings(cfg)
     for part in parts:
+        if lora is not None:
+            apply_lora(part, **dataclasses.asdict(lora))
         if dims.tp > 1:
             apply_tensor_parallel(part, mesh["tp"], parallelism.sequence_parallel, parallelism.loss_parallel)
         apply_activation_checkpointing(part, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_every)
         if cfg.compile.enable:
-            compile_blocks(part, tensor_parallel=dims.tp > 1, retains_graph=cfg.optimizer.name in FUSED_OPTIMIZERS)
-        # FSDP also on a size-1 data-parallel mesh for bf16: its mixed-precision policy is what
-        # casts parameters for TP and pipeline stages (autocast does not cover pipeline schedules).
-        if dims.dp > 1 or (mesh is not None and param_dtype == torch.bfloat16):
+            compile_blocks(part, tensor_parallel=dims.tp > 1, retains_graph=fused)
+        if dims.dp > 1 or (mesh is not None and param_dtype == torch.bfloat16) or (dims.pp > 1 and fused):
             dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
             apply_fsdp(part, dp_mesh, param_dtype, parallelism.fsdp_reshard_after_forward,
                        parallelism.fsdp_cpu_offload)
@@ -126,6 +143,7 @@ def materialize(model: ParallelModel, args: ModelArgs, initial_load_path: str, d
     (checked against the whole model's keys and shapes, resharded to this layout)."""
     for part in model.parts:
         part.to_empty(device=device)
+        init_lora(part)  # adapters (if any) start fresh; a base checkpoint holds none
     if initial_load_path:
         for part in model.parts:
             part.init_rope()

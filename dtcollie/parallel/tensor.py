@@ -4,16 +4,18 @@ q/k/v and w1/w3 are split by output features (each rank computes a slice of the 
 units), wo and w2 by input features (partial sums reduced afterwards). With sequence parallel the
 residual stream between blocks is sharded on the sequence dim (Shard(1)), so norms run on a slice
 of the tokens and the reductions after wo/w2 are reduce-scatters instead of all-reduces.
+The projection styles also accept LoRA adapters (`dtcollie.peft.tensor_parallel`), so the same plan
+parallelises a model with or without them.
 """
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel,
-                                               parallelize_module)
+from torch.distributed.tensor.parallel import PrepareModuleInput, RowwiseParallel, SequenceParallel, parallelize_module
 
 from dtcollie.errors import ConfigError
 from dtcollie.models.llama import ModelArgs
+from dtcollie.peft.tensor_parallel import LoRAColwiseParallel, LoRARowwiseParallel
 
 
 def check_tensor_parallel(args: ModelArgs, tp: int, seq_len: int, sequence_parallel: bool) -> None:
@@ -46,13 +48,13 @@ def _replicate_norm(norm: nn.Module, tp_mesh: DeviceMesh) -> None:
 def block_plan(sequence_parallel: bool) -> dict:
     activations = Shard(1) if sequence_parallel else Replicate()
     plan = {
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": ColwiseParallel(),
-        "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=activations),
-        "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w3": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=activations),
+        "attention.wq": LoRAColwiseParallel(),
+        "attention.wk": LoRAColwiseParallel(),
+        "attention.wv": LoRAColwiseParallel(),
+        "attention.wo": LoRARowwiseParallel(output_layouts=activations),
+        "feed_forward.w1": LoRAColwiseParallel(),
+        "feed_forward.w3": LoRAColwiseParallel(),
+        "feed_forward.w2": LoRARowwiseParallel(output_layouts=activations),
     }
     if sequence_parallel:
         # Gather the sequence-sharded residual stream before the column-parallel projections.
@@ -68,6 +70,7 @@ def block_plan(sequence_parallel: bool) -> dict:
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool,
                           loss_parallel: bool) -> None:
     """Parallelise `model` (or the pipeline stage of it) in place over `tp_mesh`."""
+    frozen = [name for name, param in model.named_parameters() if not param.requires_grad]
     activations = Shard(1) if sequence_parallel else Replicate()
     top = {}
     if model.tok_embeddings is not None:
@@ -76,9 +79,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
         top["norm"] = SequenceParallel()
     if model.output is not None:
         # Loss parallel keeps the logits vocab-sharded; the loss is then computed under loss_parallel().
-        top["output"] = ColwiseParallel(input_layouts=activations,
-                                        output_layouts=Shard(-1) if loss_parallel else Replicate(),
-                                        use_local_output=not loss_parallel)
+        top["output"] = LoRAColwiseParallel(input_layouts=activations,
+                                            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                            use_local_output=not loss_parallel)
     parallelize_module(model, tp_mesh, top)
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, block_plan(sequence_parallel))
@@ -87,3 +90,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
             _replicate_norm(block.ffn_norm, tp_mesh)
     if model.norm is not None and not sequence_parallel:
         _replicate_norm(model.norm, tp_mesh)
+    # torch's SequenceParallel re-creates the norm weights as trainable Parameters; keep frozen
+    # ones (under LoRA, every weight but the adapters) frozen.
+    for name in frozen:
+        model.get_parameter(name).requires_grad_(False)

@@ -12,10 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-from dtcollie.checkpoint import save_model_weights
-from dtcollie.models.llama import FLAVORS, Transformer
+from debug_weights import save_debug_init
 
 STEPS = 5
 COMMON = ["--training.steps", str(STEPS), "--training.seq_len", "32", "--metrics.log_freq", "1",
@@ -41,14 +38,7 @@ def train(folder: Path, weights: Path, nproc: int, overrides: list[str]) -> subp
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
-    args = FLAVORS["debug"]
-    args = type(args)(**{**args.__dict__, "vocab_size": 2048, "max_seq_len": 32})
-    torch.manual_seed(0)
-    model = Transformer(args)
-    model.init_weights()
-    folder = tmp_path_factory.mktemp("weights")
-    save_model_weights(model, folder)
-    return folder
+    return save_debug_init(tmp_path_factory.mktemp("weights"), seq_len=32)
 
 
 @pytest.fixture(scope="module")
@@ -140,14 +130,3 @@ def test_bad_layout_is_one_line_exit_2_on_every_rank(tmp_path, world, overrides,
         assert result.returncode == 2, result.stderr[-2000:]
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
         assert message in result.stderr
-
-
-@pytest.mark.parametrize("optimizer", ["lion", "adan", "lomo", "adalomo"])
-def test_optimizer_matches_one_process_under_dp_shard_and_tp(tmp_path, weights, optimizer):
-    """Each optimizer's steps under dp_shard 2 and tp 2 give the single-process losses (LOMO and
-    AdaLomo update inside backward, on FSDP's reduce-scattered shards and on TP shards)."""
-    chosen = ["--optimizer.name", optimizer]
-    one = losses_of_run(tmp_path / "one", weights, 1, chosen)
-    assert len(one) == STEPS and one[1] != one[0]
-    for name, overrides in (("dp2", ["--training.micro_batch_size", "4"]), ("tp2", ["--parallelism.tp", "2"])):
-        assert losses_of_run(tmp_path / name, weights, 2, chosen + overrides) == pytest.approx(one, rel=1e-5), name

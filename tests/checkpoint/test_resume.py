@@ -1,0 +1,115 @@
+"""Training checkpoints on one process: exact resume, retention, atomicity, refusal of mismatches."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtcollie import config
+from dtcollie.checkpoint import load_weights_as_stored
+from dtcollie.errors import CheckpointError
+from dtcollie.train import Trainer
+
+FAST = [("training.seq_len", "32"), ("training.eval_interval", "0"), ("metrics.log_freq", "1"),
+        ("metrics.enable_tensorboard", "false")]
+
+
+def job(folder: Path, overrides: list) -> config.JobConfig:
+    return config.load("train_configs/debug.toml", FAST + [("job.dump_folder", str(folder))] + overrides)
+
+
+def losses(folder: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def interrupted_run(folder: Path, overrides: list, stop_after: int) -> Trainer:
+    """Start a run, stop it after `stop_after` steps (as a crash after a checkpoint would), start again."""
+    first = Trainer(job(folder, overrides))
+    first.cfg.training.steps = stop_after  # the schedule was built for the full run: only the loop ends early
+    first.train()
+    second = Trainer(job(folder, overrides))
+    assert second.step == stop_after
+    second.train()
+    return second
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adalomo", "sophiag", "adan"])
+def test_resume_is_bit_identical(tmp_path, optimizer):
+    overrides = [("training.steps", "6"), ("checkpoint.interval", "2"), ("optimizer.name", optimizer),
+                 ("optimizer.hessian_interval" if optimizer == "sophiag" else "training.steps",
+                  "2" if optimizer == "sophiag" else "6")]
+    Trainer(job(tmp_path / "whole", overrides)).train()
+    interrupted_run(tmp_path / "resumed", overrides, stop_after=3)
+    whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    assert [resumed[s] for s in (4, 5, 6)] == [whole[s] for s in (4, 5, 6)]  # bit-identical
+    assert whole[6] != whole[3]
+
+
+def test_keeps_the_latest_k_and_saves_at_the_end(tmp_path):
+    Trainer(job(tmp_path, [("training.steps", "5"), ("checkpoint.interval", "2"),
+                           ("checkpoint.keep_latest_k", "2")])).train()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-4", "step-5"]
+
+
+def test_partial_checkpoint_is_ignored_with_a_warning(tmp_path, caplog):
+    overrides = [("training.steps", "2"), ("checkpoint.interval", "1")]
+    Trainer(job(tmp_path, overrides)).train()
+    partial = tmp_path / "checkpoints" / "step-3.partial"
+    shutil.copytree(tmp_path / "checkpoints" / "step-2", partial)
+    (partial / ".metadata").unlink()
+    trainer = Trainer(job(tmp_path, overrides))
+    assert trainer.step == 2
+    assert "ignoring incomplete checkpoint" in caplog.text and not partial.exists()
+
+
+def test_model_only_end_checkpoint_is_plain_weights(tmp_path):
+    overrides = [("training.steps", "3"), ("checkpoint.interval", "2"), ("checkpoint.model_only", "true")]
+    trainer = Trainer(job(tmp_path, overrides))
+    trainer.train()
+    weights = load_weights_as_stored(tmp_path / "checkpoints" / "step-3")
+    for name, tensor in trainer.model.parts[0].state_dict().items():
+        assert torch.equal(weights[name], tensor), name
+    # Not resumable: a longer run continues from the last full checkpoint.
+    assert Trainer(job(tmp_path, [("training.steps", "4"), ("checkpoint.interval", "2")])).step == 2
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    Trainer(job(tmp_path, [("training.steps", "1"), ("checkpoint.interval", "1")])).train()
+    args = tmp_path / "args.json"
+    args.write_text(json.dumps({"dim": 128, "n_layers": 8, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 256,
+                                "vocab_size": 2048}))
+    with pytest.raises(CheckpointError, match=r"does not match the model; .*shape mismatch: model\.layers\.0\."):
+        Trainer(job(tmp_path, [("checkpoint.interval", "1"), ("model.args_path", str(args))]))
+
+
+def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+    """Kill the process while a checkpoint is being written: the next start warns, drops the partial
+    folder and resumes from the last complete checkpoint."""
+    command = [sys.executable, "-m", "dtcollie.train", "--training.steps", "100000", "--training.seq_len", "32",
+               "--training.eval_interval", "0", "--checkpoint.interval", "1", "--checkpoint.keep_latest_k", "2",
+               "--job.dump_folder", str(tmp_path)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints, deadline = tmp_path / "checkpoints", time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline:
+            partial = list(checkpoints.glob("step-*.partial"))
+            if partial and any(checkpoints.glob("step-*[0-9]")):
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.0005)
+    finally:
+        process.kill()
+        process.wait()
+    (partial,) = [p for p in checkpoints.glob("step-*.partial")]  # the kill landed during a save
+    killed_step = int(partial.name.removeprefix("step-").removesuffix(".partial"))
+    trainer = Trainer(job(tmp_path, [("training.steps", "100000"), ("checkpoint.interval", "1")]))
+    assert trainer.step == killed_step - 1
+    assert not partial.exists()

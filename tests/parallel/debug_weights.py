@@ -1,0 +1,20 @@
+"""Shared initial weights for layout tests: random init depends on the layout, so every run of a
+comparison starts from one saved DCP folder (which also exercises resharding on load)."""
+
+from pathlib import Path
+
+import torch
+
+from dtcollie.checkpoint import save_model_weights
+from dtcollie.models.llama import FLAVORS, Transformer
+
+
+def save_debug_init(folder: Path, seq_len: int) -> Path:
+    """The debug model (2048-token vocabulary), seeded random init, saved to `folder`."""
+    args = FLAVORS["debug"]
+    args = type(args)(**{**args.__dict__, "vocab_size": 2048, "max_seq_len": seq_len})
+    torch.manual_seed(0)
+    model = Transformer(args)
+    model.init_weights()
+    save_model_weights(model, folder)
+    return folder

@@ -1,0 +1,85 @@
+"""Every optimizer, and LoRA, gives the same parameters on every layout as on one process.
+
+For each layout one launch (tests/parallel/train_jobs.py) trains the debug model for 5 fp32 steps
+with each optimizer from the same initial weights; the final weights (each run's model-only end
+checkpoint) must equal the single-process run's to 1e-5 relative, tensor by tensor. LOMO and
+AdaLomo update inside backward (under pp in each stage's FSDP post-backward), Sophia refreshes its
+Hessian at steps 1, 3 and 5 from labels sampled the same way on every layout.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from debug_weights import save_debug_init
+
+from dtcollie.checkpoint import load_weights_as_stored
+
+STEPS = 5
+COMMON = ["--config", "train_configs/debug.toml", "--training.steps", str(STEPS), "--training.seq_len", "32",
+          "--training.eval_interval", "0", "--metrics.enable_tensorboard", "false", "--training.global_batch_size", "8",
+          "--checkpoint.interval", str(STEPS), "--checkpoint.model_only", "true"]
+RUNS = {  # name: overrides
+    "adamw": ["--optimizer.name", "adamw"],
+    "lion": ["--optimizer.name", "lion", "--optimizer.lr", "1e-4"],
+    "adan": ["--optimizer.name", "adan"],
+    "sophiag": ["--optimizer.name", "sophiag", "--optimizer.hessian_interval", "2"],
+    "lomo": ["--optimizer.name", "lomo"],
+    "adalomo": ["--optimizer.name", "adalomo"],
+    "lora": ["--peft.method", "lora", "--peft.target_modules", '["wq", "wv", "w2", "output"]',
+             "--optimizer.lr", "1e-2"],
+}
+LAYOUTS = {  # name: (processes, overrides)
+    "dp_shard2": (2, ["--training.micro_batch_size", "4"]),
+    "tp2": (2, ["--parallelism.tp", "2"]),
+    "dp_shard2_tp2": (4, ["--parallelism.tp", "2", "--training.micro_batch_size", "4"]),
+    "pp2": (2, ["--parallelism.pp", "2"]),
+}
+
+
+def final_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_weights_as_stored(folder / "checkpoints" / f"step-{STEPS}")
+
+
+def train_all(folder: Path, weights: Path, nproc: int, overrides: list[str]) -> None:
+    jobs = [COMMON + ["--checkpoint.initial_load_path", str(weights), "--job.dump_folder", str(folder / name)]
+            + run + overrides for name, run in RUNS.items()]
+    (folder / "jobs.json").write_text(json.dumps(jobs))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command = (launcher if nproc > 1 else [sys.executable]) + ["tests/parallel/train_jobs.py", str(folder / "jobs.json")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    return save_debug_init(tmp_path_factory.mktemp("weights"), seq_len=32)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, weights) -> Path:
+    folder = tmp_path_factory.mktemp("one")
+    train_all(folder, weights, 1, [])
+    initial = load_weights_as_stored(weights)
+    for name in RUNS:  # every run moved its weights far beyond the tolerance
+        moved = {key: (t - initial[key]).abs().max() / initial[key].abs().max()
+                 for key, t in final_weights(folder / name).items() if key in initial}
+        assert max(moved.values()) > 1e-3, name
+    return folder
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_every_optimizer_gives_the_one_process_parameters(tmp_path, weights, reference, layout):
+    nproc, overrides = layout
+    train_all(tmp_path, weights, nproc, overrides)
+    for name in RUNS:
+        expected, found = final_weights(reference / name), final_weights(tmp_path / name)
+        assert found.keys() == expected.keys(), name
+        for key, tensor in expected.items():
+            error = float((found[key] - tensor).abs().max() / tensor.abs().max())
+            assert error <= 1e-5, f"{name}: {key} differs by {error:.2e} of its largest value"
