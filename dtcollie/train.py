@@ -125,7 +125,7 @@ class Trainer:
             self.mesh = self.dims.build_mesh(self.device.type)
         torch.manual_seed(cfg.job.seed)
         self.model = parallelize_model(cfg, self.model_args, self.dims, self.mesh)
-        materialize(self.model, self.model_args, cfg.checkpoint.initial_load_path, self.device)
+        materialize(self.model, self.model_args, cfg.checkpoint.initial_load_path, self.device, cfg.job.seed)
         # The loss_parallel() context works by DTensor dispatch, which a compiled loss bypasses.
         compile_loss = cfg.compile.enable and not (self.dims.tp > 1 and cfg.parallelism.loss_parallel)
         self.loss_fn = torch.compile(cross_entropy_sum) if compile_loss else cross_entropy_sum

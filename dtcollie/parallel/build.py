@@ -138,12 +138,13 @@ def parallelize_model(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh:
     return ParallelModel(parts, stage_ids, num_stages)
 
 
-def materialize(model: ParallelModel, args: ModelArgs, initial_load_path: str, device: torch.device) -> None:
+def materialize(model: ParallelModel, args: ModelArgs, initial_load_path: str, device: torch.device,
+                seed: int = 0) -> None:
     """Allocate this rank's shards on `device`, then random-initialise them or load a DCP folder
     (checked against the whole model's keys and shapes, resharded to this layout)."""
     for part in model.parts:
         part.to_empty(device=device)
-        init_lora(part)  # adapters (if any) start fresh; a base checkpoint holds none
+        init_lora(part, seed)  # adapters (if any) start fresh; a base checkpoint holds none
     if initial_load_path:
         for part in model.parts:
             part.init_rope()

@@ -9,12 +9,14 @@ layouts that `dtcollie.peft.tensor_parallel` gives the adapter weights.
 """
 
 import math
+import zlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dtcollie.errors import ConfigError, UserError
 
@@ -25,6 +27,7 @@ TARGETS = {
     "output": "output",
 }
 LORA_SUFFIXES = (".lora_a", ".lora_b")
+CHECKPOINT_WRAPPER_PART = "._checkpoint_wrapped_module"  # torch's checkpoint_wrapper inserts it in module names
 
 
 @dataclass
@@ -82,9 +85,21 @@ class LoRALinear(nn.Module):
             self.reset_lora_parameters()
 
     @torch.no_grad()
-    def reset_lora_parameters(self) -> None:
-        """A as nn.Linear initialises its weight (Kaiming-uniform, a = sqrt(5)), B zero: the update starts at 0."""
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+    def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
+        """A as nn.Linear initialises its weight (Kaiming-uniform, a = sqrt(5)), B zero: the update starts at 0.
+
+        A is drawn whole on the CPU (from `generator`) and each rank keeps its own shard of it, so a
+        sharded (DTensor) A gets the same values under every layout. A is small (rank x in)."""
+        full = torch.empty(self.lora_a.shape)
+        nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)
+        full = full.to(device=self.lora_a.device, dtype=self.lora_a.dtype)
+        if isinstance(self.lora_a, DTensor):
+            # Adapter placements are Shard/Replicate on distinct dims: src_data_rank=None takes each
+            # rank's chunk locally, with no communication.
+            shard = distribute_tensor(full, self.lora_a.device_mesh, self.lora_a.placements, src_data_rank=None)
+            self.lora_a.to_local().copy_(shard.to_local())
+        else:
+            self.lora_a.copy_(full)
         nn.init.zeros_(self.lora_b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,10 +163,14 @@ def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALinear)]
 
 
-def init_lora(model: nn.Module) -> None:
-    """Initialise every adapter (A Kaiming-uniform, B zero), e.g. after `to_empty` from the meta device."""
-    for _, module in lora_modules(model):
-        module.reset_lora_parameters()
+def init_lora(model: nn.Module, seed: int = 0) -> None:
+    """Initialise every adapter (A Kaiming-uniform, B zero), e.g. after `to_empty` from the meta device.
+
+    Each adapter's A comes from a generator seeded by `seed` and the module's name (without the
+    activation-checkpoint wrapper's part), so it is the same whatever the layout or pipeline split."""
+    for name, module in lora_modules(model):
+        name = name.replace(CHECKPOINT_WRAPPER_PART, "")
+        module.reset_lora_parameters(torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(name.encode())))
 
 
 def lora_config(model: nn.Module) -> LoRAConfig:
