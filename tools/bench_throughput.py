@@ -17,6 +17,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from dtcollie.bench.model_shape import bench_model_args
 from dtcollie.cli import run_main
 from dtcollie.loss import cross_entropy_sum
 from dtcollie.models.hf import hf_config_from_args, to_hf_state_dict
@@ -37,17 +38,6 @@ def parse_args(argv):
     parser.add_argument("--compile", action="store_true", help="also time dtcollie with per-block torch.compile")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
-
-
-def model_args(options):
-    args = copy.deepcopy(FLAVORS[options.flavor])
-    if options.dim:
-        args.dim = options.dim
-        args.hidden_dim = 3 * options.dim
-    args.n_layers = options.n_layers or args.n_layers
-    args.vocab_size = options.vocab_size or args.vocab_size or 2048
-    args.max_seq_len = options.seq_len
-    return args
 
 
 def build_models(args, device, compile_blocks) -> dict:
@@ -96,7 +86,7 @@ def time_steps(step, tokens, count, device) -> float:
 def main(argv):
     options = parse_args(argv)
     device = torch.device(options.device)
-    args = model_args(options)
+    args = bench_model_args(options.flavor, options.dim, options.n_layers, options.vocab_size, options.seq_len)
     models = build_models(args, device, options.compile)
     steps = {name: make_step(*model, device, options.dtype) for name, model in models.items()}
     tokens = torch.randint(0, args.vocab_size, (options.batch, options.seq_len + 1), device=device)

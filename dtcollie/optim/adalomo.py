@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from dtcollie.optim.fused import (FusedOptimizer, drop_dim_placements, global_mean_square, like_param,
-                                  local, sum_over)
+                                  local, pieces, sum_over)
 
 
 class AdaLomo(FusedOptimizer):
@@ -60,34 +60,39 @@ class AdaLomo(FusedOptimizer):
             state["exp_avg_sq"] = like_param(zeros(local_shape), param, shape)
         return state
 
-    def _update(self, param, grad32, group) -> None:
+    def _update(self, param, grad, group) -> None:
+        grad32 = self.prepared(grad)
         state = self.state[param] if self.state[param] else self._init_state(param)
         eps1, eps2 = group["eps"]
         state["step"] += 1
         beta2t = 1.0 - float(state["step"]) ** group["decay_rate"]
-        square = grad32 * grad32 + eps1
         ndim = param.dim()
+        # Memory: besides the float32 gradient, only row/column-sized temporaries; sums of
+        # g^2 + eps1 are squared norms plus eps1 times the local count, and the update is built in
+        # the gradient's own buffer.
         if ndim >= 2:
             row, col = local(state["exp_avg_sq_row"]), local(state["exp_avg_sq_col"])
             # Means over the last / second-to-last dim: sum locally, then over the mesh dims that shard it.
-            row_mean_sq = sum_over(square.sum(dim=-1), param, [ndim - 1]) / param.shape[-1]
-            col_mean_sq = sum_over(square.sum(dim=-2), param, [ndim - 2]) / param.shape[-2]
-            row.mul_(beta2t).add_(row_mean_sq, alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(col_mean_sq, alpha=1.0 - beta2t)
+            row_sum = torch.linalg.vector_norm(grad32, dim=-1).square() + eps1 * grad32.shape[-1]
+            col_sum = torch.linalg.vector_norm(grad32, dim=-2).square() + eps1 * grad32.shape[-2]
+            row.mul_(beta2t).add_(sum_over(row_sum, param, [ndim - 1]) / param.shape[-1], alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(sum_over(col_sum, param, [ndim - 2]) / param.shape[-2], alpha=1.0 - beta2t)
             # mean(row) runs over the row vector's last dim, which is the parameter's dim ndim-2.
             row_mean = sum_over(row.sum(dim=-1, keepdim=True), param, [ndim - 2]) / param.shape[-2]
-            update = grad32 * (row / row_mean).rsqrt().unsqueeze(-1) * col.rsqrt().unsqueeze(-2)
+            update = grad32.mul_((row / row_mean).rsqrt().unsqueeze(-1)).mul_(col.rsqrt().unsqueeze(-2))
         else:
             exp_avg_sq = local(state["exp_avg_sq"])
-            exp_avg_sq.mul_(beta2t).add_(square, alpha=1.0 - beta2t)
-            update = grad32 * exp_avg_sq.rsqrt()
+            exp_avg_sq.mul_(beta2t).add_(grad32 * grad32 + eps1, alpha=1.0 - beta2t)
+            update = grad32.mul_(exp_avg_sq.rsqrt())
         update_rms = global_mean_square(update, param).sqrt()
         update.div_((update_rms / group["clip_threshold"]).clamp(min=1.0))
 
         p_local = local(param)
-        p32 = p_local.float()
-        lr = group["lr"] * global_mean_square(p32, param).sqrt().clamp(min=eps2)
-        if group["weight_decay"]:
-            p32.mul_(1.0 - lr * group["weight_decay"])
-        p32.sub_(update * lr)
-        p_local.copy_(p32)
+        lr = group["lr"] * global_mean_square(p_local, param).sqrt().clamp(min=eps2)
+        # Piece by piece, so a bf16 weight never gets a whole float32 copy.
+        for p_piece, u_piece in zip(pieces(p_local), pieces(update)):
+            p32 = p_piece.float()
+            if group["weight_decay"]:
+                p32.mul_(1.0 - lr * group["weight_decay"])
+            p32.sub_(u_piece * lr)
+            p_piece.copy_(p32)

@@ -59,7 +59,8 @@ def sum_over(value: torch.Tensor, tensor: torch.Tensor, dims=None) -> torch.Tens
 
 def global_mean_square(local_value: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     """Mean of squares over the full logical `tensor`, given its local shard (float32 scalar)."""
-    square = local_value.float().square().sum()
+    # vector_norm accumulates in float32 without a float32 copy of a bf16 shard.
+    square = torch.linalg.vector_norm(local_value, dtype=torch.float32).square()
     return sum_over(square, tensor) / tensor.numel()
 
 
@@ -94,6 +95,14 @@ def like_param(local_value: torch.Tensor, param: torch.Tensor, shape, placements
                               shape=shape, stride=torch.empty(shape, device="meta").stride())
 
 
+PIECE = 2**20  # elements per piece of a chunked update: bounds its float32 temporaries
+
+
+def pieces(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Flat views of a contiguous tensor, PIECE elements each (writes go through to `tensor`)."""
+    return tensor.view(-1).split(PIECE)
+
+
 class SquareNormAccumulator:
     """Sum of squared gradients over the whole model, reduced once at the end.
 
@@ -106,9 +115,9 @@ class SquareNormAccumulator:
     def __init__(self):
         self.buckets: dict = {}
 
-    def add(self, param: torch.Tensor, local_grad32: torch.Tensor) -> None:
+    def add(self, param: torch.Tensor, square: torch.Tensor) -> None:
+        """`square`: the local shard's sum of squared gradients."""
         key = (param.device_mesh, tuple(mesh_dims_sharding(param))) if isinstance(param, DTensor) else None
-        square = local_grad32.square().sum()
         if key in self.buckets:
             self.buckets[key] = (self.buckets[key][0], self.buckets[key][1] + square)
         else:
@@ -241,11 +250,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self.needs_norm_pass:
             self._norms = SquareNormAccumulator()
             for p in params:
-                self._norms.add(p, self._unscaled(p, p.grad))
+                self._norms.add(p, self._square_sum(local_grad(p, p.grad)))
             self._finish_norm()
         if not self._overflow:
             for p in params:
-                self._apply(p, p.grad)
+                self._update(p, local_grad(p, p.grad), self._group_of(p))
         for p in params:
             p.grad = None
         self._end_step(applied=not self._overflow)
@@ -284,16 +293,28 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _on_grad(self, param: torch.Tensor) -> None:
         if self._mode is None:
             return  # a backward the caller drives: leave .grad for step()
-        grad, param.grad = param.grad, None  # freed now: at most one gradient alive at a time
+        grad, param.grad = local_grad(param, param.grad), None  # freed after this: one gradient alive at a time
         with torch.no_grad():
             if self._mode == "norm":
-                self._norms.add(param, self._unscaled(param, grad))
+                self._norms.add(param, self._square_sum(grad))
             else:
-                self._apply(param, grad)
+                self._update(param, grad, self._group_of(param))
 
-    def _unscaled(self, param, grad) -> torch.Tensor:
-        g = local_grad(param, grad).float()
-        return g / self.scaler.scale if self.scaler is not None else g
+    def _square_sum(self, grad: torch.Tensor) -> torch.Tensor:
+        """Sum of the squared unscaled gradient of a local shard, in float32 pieces."""
+        return sum(self.prepared(piece, clip=False).square().sum() for piece in pieces(grad.contiguous()))
+
+    def prepared(self, grad: torch.Tensor, clip: bool = True) -> torch.Tensor:
+        """A (piece of a) local gradient as float32, unscaled, clipped by value and by the global norm.
+        Subclasses call it from `_update`, on the whole gradient or piece by piece."""
+        g = grad.float() if grad.dtype != torch.float32 else grad.clone()
+        if self.scaler is not None:
+            g.div_(self.scaler.scale)
+        if clip and self.clip_grad_value:
+            g.clamp_(-self.clip_grad_value, self.clip_grad_value)
+        if clip and self.clip_grad_norm and self._clip_coef is not None:
+            g.mul_(self._clip_coef)
+        return g
 
     def _finish_norm(self) -> torch.Tensor:
         params = [p for g in self.param_groups for p in g["params"]]
@@ -310,19 +331,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._clip_coef = torch.ones((), device=device)
         return norm
 
-    def _apply(self, param, grad) -> None:
-        """Unscale, clip by value, clip by the global norm, then the subclass rule."""
-        g = self._unscaled(param, grad)
-        if self.clip_grad_value:
-            g.clamp_(-self.clip_grad_value, self.clip_grad_value)
-        if self.clip_grad_norm and self._clip_coef is not None:
-            g.mul_(self._clip_coef)
-        self._update(param, g, self._group_of(param))
-
     def _end_step(self, applied: bool) -> None:
         if self.scaler is not None:
             self.scaler.update(overflow=not applied)
         self._clip_coef, self._overflow = None, False
 
-    def _update(self, param, grad32, group) -> None:
+    def _update(self, param, grad, group) -> None:
+        """The rule on the local shard: `grad` is the raw local gradient; see `prepared`."""
         raise NotImplementedError

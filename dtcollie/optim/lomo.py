@@ -19,7 +19,7 @@ passes. The optimizer's update is computed in float32 and written back in the pa
 
 from torch import nn
 
-from dtcollie.optim.fused import FusedOptimizer, local
+from dtcollie.optim.fused import FusedOptimizer, local, pieces
 
 
 class LOMO(FusedOptimizer):
@@ -37,10 +37,11 @@ class LOMO(FusedOptimizer):
         super().__init__(model, dict(lr=lr, weight_decay=weight_decay), clip_grad_norm, clip_grad_value,
                          loss_scale, loss_scale_window, pp_group)
 
-    def _update(self, param, grad32, group) -> None:
-        p_local = local(param)
-        p32 = p_local.float()
-        if group["weight_decay"]:
-            p32.mul_(1.0 - group["lr"] * group["weight_decay"])
-        p32.add_(grad32, alpha=-group["lr"])
-        p_local.copy_(p32)
+    def _update(self, param, grad, group) -> None:
+        # Piece by piece: a bf16 weight never gets a whole float32 copy (nor does its gradient).
+        for p_piece, g_piece in zip(pieces(local(param)), pieces(grad.contiguous())):
+            p32 = p_piece.float()
+            if group["weight_decay"]:
+                p32.mul_(1.0 - group["lr"] * group["weight_decay"])
+            p32.add_(self.prepared(g_piece), alpha=-group["lr"])
+            p_piece.copy_(p32)

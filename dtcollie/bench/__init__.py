@@ -1,0 +1,1 @@
+"""The library side of the benchmark scripts (tools/bench_*.py are thin wrappers over it)."""
