@@ -128,3 +128,16 @@ def test_compiled_blocks_train_with_the_two_pass_lomo(tmp_path):
     _, compiled = train_losses(tmp_path, "compiled", steps + [("compile.enable", "true")])
     assert compiled == pytest.approx(eager, rel=1e-4)
     assert len(compiled) == 2
+
+
+def test_lora_trains_only_adapters_with_checkpointing_and_compile(tmp_path):
+    lora = [("training.steps", "2"), ("peft.method", "lora"), ("optimizer.lr", "1e-2")]
+    eager, eager_losses = train_losses(tmp_path, "eager", lora)
+    _, compiled = train_losses(tmp_path, "compiled", lora + [("compile.enable", "true"),
+                                                             ("activation_checkpoint.mode", "full")])
+    assert compiled == pytest.approx(eager_losses, rel=1e-4)
+    trainable = {name for name, p in eager.model.parts[0].named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_a" in name or ".lora_b" in name for name in trainable)
+    assert {id(p) for g in eager.optimizer.param_groups for p in g["params"]} == \
+        {id(p) for p in eager.model.parts[0].parameters() if p.requires_grad}
+    assert eager_losses[1] != eager_losses[0]

@@ -7,7 +7,8 @@ divided by the parameter count; so it counts weights, optimizer state, gradients
 See dtcollie.bench.memory for how, and dtcollie.bench.memory_rows for what each row runs.
 
 With --dtype bf16 (the default) the forward-only reference and the LOMO/AdaLomo rows hold bf16
-weights and nothing else, so 2.00 bytes/parameter is the floor; AdamW, Lion, Adan and SophiaG
+weights and nothing else, so 2.00 bytes/parameter is the floor (the LoRA row: a frozen bf16 base
+plus fp32 rank-8 adapters trained with AdamW); AdamW, Lion, Adan and SophiaG
 train as mixed precision does (fp32 master weights, gradients and states, bf16 autocast). The
 dtcollie rows checkpoint every block and chunk the output projection and loss; the
 `(pytorch-optimizer)` rows run that package's LOMO/AdaLOMO as it documents them (plain model, full
@@ -34,8 +35,9 @@ from dtcollie.errors import ConfigError
 from dtcollie.models.llama import FLAVORS, Transformer, count_parameters
 
 PRECISION_NOTES = {
-    "bf16": "bf16: forward-only and LOMO/AdaLomo hold bf16 weights only (floor 2.00); AdamW/Lion/Adan/SophiaG keep "
-            "fp32 master weights, grads and states under bf16 autocast (mixed precision).",
+    "bf16": "bf16: forward-only and LOMO/AdaLomo hold bf16 weights only (floor 2.00), LoRA a frozen bf16 base plus "
+            "fp32 adapters; AdamW/Lion/Adan/SophiaG keep fp32 master weights, grads and states under bf16 autocast "
+            "(mixed precision).",
     "fp32": "fp32: every row holds fp32 weights (floor 4.00), gradients and states; no autocast.",
 }
 

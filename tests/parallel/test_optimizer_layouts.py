@@ -11,8 +11,8 @@ The bound is 1e-5 where the update is proportional to the gradient (LOMO, AdaLom
 normalise each element's update (AdamW, Adan and SophiaG divide by a running magnitude, Lion takes
 the sign) turn the ~1e-12 fp32 summation-order noise of near-zero gradient elements (other layouts
 sum in another order) into visible differences that the following steps carry on: measured here up
-to 2.2e-5 (AdamW under tp 2) and 1.1e-4 (Lion, whose differences are whole sign flips), so their
-bounds are 1e-4 and 5e-4. Under pp 2, which sums nothing in a new order, every optimizer is within
+to 2.2e-5 (AdamW under tp 2), 4.8e-5 (LoRA's adapters, trained by AdamW) and 1.1e-4 (Lion, whose
+differences are whole sign flips), so their bounds are 1e-4 and 5e-4. Under pp 2, which sums nothing in a new order, every optimizer is within
 1e-5 (Lion exactly equal).
 """
 
