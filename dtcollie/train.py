@@ -151,6 +151,7 @@ class Trainer:
         latest = self.checkpointer.latest() if self.checkpointer.enabled else None
         if latest is not None:
             resume(self, latest)
+            self.checkpointer.last_saved_step = self.step
             self.metrics.console(f"resumed from {latest} at step {self.step}")
 
     def build_schedule(self):
