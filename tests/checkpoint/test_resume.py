@@ -100,10 +100,13 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     checkpoints, deadline = tmp_path / "checkpoints", time.monotonic() + 180
     try:
         while time.monotonic() < deadline:
-            partial = list(checkpoints.glob("step-*.partial"))
-            if partial and any(checkpoints.glob("step-*[0-9]")):
-                process.send_signal(signal.SIGKILL)
-                break
+            if any(checkpoints.glob("step-*.partial")) and any(checkpoints.glob("step-*[0-9]")):
+                # Freeze it, then kill it only if the save is still unfinished (not yet renamed).
+                process.send_signal(signal.SIGSTOP)
+                if any(checkpoints.glob("step-*.partial")):
+                    process.send_signal(signal.SIGKILL)
+                    break
+                process.send_signal(signal.SIGCONT)
             time.sleep(0.0005)
     finally:
         process.kill()
