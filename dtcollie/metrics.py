@@ -26,6 +26,17 @@ TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/
                     "val_perplexity": "val/perplexity"}
 
 
+def read_records(dump_folder: str | Path) -> list[dict]:
+    """Every record of a run folder's metrics.jsonl, in the order written."""
+    lines = (Path(dump_folder) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def read_losses(dump_folder: str | Path) -> dict[int, float]:
+    """The training loss of every logged step of a run folder, by step."""
+    return {record["step"]: record["loss"] for record in read_records(dump_folder) if "loss" in record}
+
+
 def peak_flops(device: torch.device, mixed_precision: str) -> float | None:
     """Peak FLOP/s of the device for this run's math, or None when not known (CPU, fp32, unlisted GPU)."""
     if device.type != "cuda" or mixed_precision != "bf16":

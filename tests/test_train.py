@@ -1,9 +1,7 @@
-import json
 import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +9,7 @@ import torch
 from dtcollie import config
 from dtcollie.checkpoint import save_model_weights
 from dtcollie.errors import ConfigError
+from dtcollie.metrics import read_losses, read_records
 from dtcollie.train import Trainer
 
 # Small and fast: the debug model on 32-token sequences.
@@ -18,16 +17,12 @@ FAST = [("training.seq_len", "32"), ("training.eval_interval", "0"), ("metrics.l
         ("metrics.enable_tensorboard", "false")]
 
 
-def records(folder) -> list[dict]:
-    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
-
-
 def train_losses(tmp_path, name, overrides) -> tuple[Trainer, list[float]]:
     folder = tmp_path / name
     cfg = config.load("train_configs/debug.toml", FAST + [("job.dump_folder", str(folder))] + overrides)
     trainer = Trainer(cfg)
     trainer.train()
-    return trainer, [r["loss"] for r in records(folder) if "loss" in r]
+    return trainer, list(read_losses(folder).values())
 
 
 def test_debug_run_from_the_command_line(tmp_path):
@@ -38,13 +33,13 @@ def test_debug_run_from_the_command_line(tmp_path):
                "--metrics.log_freq", "1", "--job.dump_folder", str(folder)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    train = [r for r in records(folder) if "loss" in r]
+    train = [r for r in read_records(folder) if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, 21))
     first, last = train[0]["loss"], sum(r["loss"] for r in train[-5:]) / 5
     assert first > 7.0  # about ln(2048) from a random start
     assert last < first - 1.0
     assert {"lr", "grad_norm", "tokens_per_sec", "peak_memory_gib"} <= set(train[0])
-    val = [r for r in records(folder) if "val_loss" in r]
+    val = [r for r in read_records(folder) if "val_loss" in r]
     assert [r["step"] for r in val] == [10, 20]
     assert val[1]["val_loss"] < val[0]["val_loss"]
     assert list((folder / "tb").glob("events.out.tfevents.*"))
@@ -58,7 +53,7 @@ def test_sft_config_learns_answers(tmp_path):
     cfg = config.load("train_configs/debug_sft.toml", [("training.steps", "12"), ("metrics.log_freq", "1"),
                                                        ("training.eval_interval", "0"), ("job.dump_folder", str(folder))])
     Trainer(cfg).train()
-    losses = [r["loss"] for r in records(folder)]
+    losses = [r["loss"] for r in read_records(folder)]
     assert len(losses) == 12 and losses[0] > 7.0
     assert sum(losses[-3:]) / 3 < losses[0] - 2.0
 
@@ -103,7 +98,7 @@ def test_sigterm_finishes_the_step_and_exits_cleanly(tmp_path):
     watchdog.cancel()
     assert process.returncode == 0, err
     assert "stopped by SIGTERM after step" in out
-    steps = [r["step"] for r in records(tmp_path)]
+    steps = [r["step"] for r in read_records(tmp_path)]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) < 100
 
 

@@ -15,6 +15,7 @@ from dtcollie import config
 from dtcollie.checkpoint import load_weights_as_stored
 from dtcollie.errors import CheckpointError
 from dtcollie.train import Trainer
+from dtcollie.metrics import read_losses
 
 FAST = [("training.seq_len", "32"), ("training.eval_interval", "0"), ("metrics.log_freq", "1"),
         ("metrics.enable_tensorboard", "false")]
@@ -22,11 +23,6 @@ FAST = [("training.seq_len", "32"), ("training.eval_interval", "0"), ("metrics.l
 
 def job(folder: Path, overrides: list) -> config.JobConfig:
     return config.load("train_configs/debug.toml", FAST + [("job.dump_folder", str(folder))] + overrides)
-
-
-def losses(folder: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def interrupted_run(folder: Path, overrides: list, stop_after: int) -> Trainer:
@@ -47,7 +43,7 @@ def test_resume_is_bit_identical(tmp_path, optimizer):
                   "2" if optimizer == "sophiag" else "6")]
     Trainer(job(tmp_path / "whole", overrides)).train()
     interrupted_run(tmp_path / "resumed", overrides, stop_after=3)
-    whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
+    whole, resumed = read_losses(tmp_path / "whole"), read_losses(tmp_path / "resumed")
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     assert [resumed[s] for s in (4, 5, 6)] == [whole[s] for s in (4, 5, 6)]  # bit-identical
     assert whole[6] != whole[3]

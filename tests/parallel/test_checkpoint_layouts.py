@@ -4,15 +4,14 @@ A constant learning rate makes a run of 3 steps followed by a resumed run of 6 t
 run of 6 steps. All runs start from the same saved initial weights.
 """
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from debug_weights import save_debug_init
+from train_jobs import launch_jobs
+
+from dtcollie.metrics import read_losses
 
 COMMON = ["--config", "train_configs/debug.toml", "--training.seq_len", "32", "--training.eval_interval", "0",
           "--metrics.log_freq", "1", "--metrics.enable_tensorboard", "false", "--lr_scheduler.warmup_steps", "0",
@@ -20,23 +19,9 @@ COMMON = ["--config", "train_configs/debug.toml", "--training.seq_len", "32", "-
 DP2_TP2 = ["--parallelism.tp", "2", "--training.micro_batch_size", "2"]  # 2 micro-batches per rank
 
 
-def launch(folder: Path, nproc: int, jobs: list[list[str]]) -> None:
-    (folder / "jobs.json").write_text(json.dumps(jobs))
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    command = (launcher if nproc > 1 else [sys.executable]) + ["tests/parallel/train_jobs.py", str(folder / "jobs.json")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 def run(folder: Path, weights: Path, steps: int, overrides: list[str] = ()) -> list[str]:
     return COMMON + ["--checkpoint.initial_load_path", str(weights), "--job.dump_folder", str(folder),
                      "--training.steps", str(steps), *overrides]
-
-
-def losses(folder: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +29,7 @@ def saved(tmp_path_factory) -> Path:
     """Under dp_shard 2 x tp 2: a whole 6-step run, and 3 steps then a resume to 6, sync and async."""
     folder = tmp_path_factory.mktemp("dp2tp2")
     weights = save_debug_init(folder / "weights", seq_len=32)
-    launch(folder, 4, [run(folder / "whole", weights, 6, DP2_TP2),
+    launch_jobs(folder, 4, [run(folder / "whole", weights, 6, DP2_TP2),
                        run(folder / "resumed", weights, 3, DP2_TP2), run(folder / "resumed", weights, 6, DP2_TP2),
                        run(folder / "async", weights, 3, DP2_TP2 + ["--checkpoint.async_mode", "async"]),
                        run(folder / "async", weights, 6, DP2_TP2 + ["--checkpoint.async_mode", "async"])])
@@ -53,7 +38,7 @@ def saved(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("name", ["resumed", "async"])
 def test_resume_under_the_same_layout(saved, name):
-    whole, resumed = losses(saved / "whole"), losses(saved / name)
+    whole, resumed = read_losses(saved / "whole"), read_losses(saved / name)
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([whole[s] for s in (4, 5, 6)], rel=1e-6)
     assert sorted(p.name for p in (saved / name / "checkpoints").iterdir()) == ["step-3", "step-6"]
@@ -65,7 +50,7 @@ def test_resume_under_the_same_layout(saved, name):
 def test_checkpoint_reshards_to_another_layout(saved, tmp_path, nproc, overrides):
     """The step-3 checkpoint of the dp_shard 2 x tp 2 run continues under another layout."""
     shutil.copytree(saved / "resumed" / "checkpoints" / "step-3", tmp_path / "run" / "checkpoints" / "step-3")
-    launch(tmp_path, nproc, [run(tmp_path / "run", saved / "weights", 6, overrides)])
-    whole, resharded = losses(saved / "whole"), losses(tmp_path / "run")
+    launch_jobs(tmp_path, nproc, [run(tmp_path / "run", saved / "weights", 6, overrides)])
+    whole, resharded = read_losses(saved / "whole"), read_losses(tmp_path / "run")
     assert sorted(resharded) == [4, 5, 6]
     assert [resharded[s] for s in (4, 5, 6)] == pytest.approx([whole[s] for s in (4, 5, 6)], rel=1e-5)

@@ -5,7 +5,6 @@ initial weights (a DCP folder, which also exercises resharding on load) and the 
 per-step losses must equal the single-process run's to 1e-5 relative.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -13,16 +12,12 @@ from pathlib import Path
 
 import pytest
 from debug_weights import save_debug_init
+from dtcollie.metrics import read_losses, read_records
 
 STEPS = 5
 COMMON = ["--training.steps", str(STEPS), "--training.seq_len", "32", "--metrics.log_freq", "1",
           "--training.eval_interval", "0", "--metrics.enable_tensorboard", "false",
           "--training.global_batch_size", "8"]
-
-
-def losses_of(folder: Path) -> list[float]:
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r]
 
 
 def train(folder: Path, weights: Path, nproc: int, overrides: list[str]) -> subprocess.CompletedProcess:
@@ -50,7 +45,7 @@ def reference(tmp_path_factory, weights) -> list[float]:
 
 def losses_of_run(folder, weights, nproc, overrides) -> list[float]:
     train(folder, weights, nproc, overrides)
-    return losses_of(folder)
+    return list(read_losses(folder).values())
 
 
 LAYOUTS = {
@@ -95,7 +90,7 @@ def test_bf16_pipeline_computes_in_bf16(tmp_path, weights, reference):
 
 def test_metrics_written_once_with_layout(tmp_path, weights):
     result = train(tmp_path, weights, 2, ["--parallelism.tp", "2"])
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(tmp_path)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # rank 0 only, once per step
     assert all(r["world_size"] == 2 and r["layout"] == "tp 2" for r in records)
     assert (tmp_path / "config.toml").exists()

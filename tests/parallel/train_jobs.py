@@ -7,13 +7,26 @@ jobs run one after another in every process, sharing the process group.
 """
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import torch.distributed as dist
 
 from dtcollie import config
 from dtcollie.cli import run_main
 from dtcollie.train import Trainer
+
+
+def launch_jobs(folder: Path, nproc: int, jobs: list[list[str]]) -> None:
+    """Run `jobs` in one launch of `nproc` processes (plain Python for 1); fails with the stderr tail."""
+    (folder / "jobs.json").write_text(json.dumps(jobs))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command = (launcher if nproc > 1 else [sys.executable]) + [__file__, str(folder / "jobs.json")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def main(argv: list[str]) -> None:
