@@ -53,7 +53,7 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                         help="bf16: bf16 weights for forward-only and LOMO/AdaLomo, mixed precision for the rest")
-    parser.add_argument("--loss-chunk", type=int, default=128,
+    parser.add_argument("--loss-chunk", type=int, default=32,
                         help="sequence positions per chunk of the output projection + cross-entropy (dtcollie rows)")
     parser.add_argument("--optimizers", default=",".join(ROWS), help=f"comma-separated rows from: {', '.join(ROWS)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -24,11 +24,13 @@ so DCP can save them. Each mean and RMS is a local sum all-reduced over the mesh
 the reduced dims, so every rank computes what one process would.
 """
 
+import math
+
 import torch
 from torch import nn
 
-from dtcollie.optim.fused import (FusedOptimizer, drop_dim_placements, global_mean_square, like_param,
-                                  local, pieces, sum_over)
+from dtcollie.optim.fused import (PIECE, FusedOptimizer, drop_dim_placements, global_mean_square, like_param,
+                                  local, sum_over)
 
 
 class AdaLomo(FusedOptimizer):
@@ -61,38 +63,62 @@ class AdaLomo(FusedOptimizer):
         return state
 
     def _update(self, param, grad, group) -> None:
-        grad32 = self.prepared(grad)
         state = self.state[param] if self.state[param] else self._init_state(param)
         eps1, eps2 = group["eps"]
         state["step"] += 1
         beta2t = 1.0 - float(state["step"]) ** group["decay_rate"]
-        ndim = param.dim()
-        # Memory: besides the float32 gradient, only row/column-sized temporaries; sums of
-        # g^2 + eps1 are squared norms plus eps1 times the local count, and the update is built in
-        # the gradient's own buffer.
-        if ndim >= 2:
-            row, col = local(state["exp_avg_sq_row"]), local(state["exp_avg_sq_col"])
-            # Means over the last / second-to-last dim: sum locally, then over the mesh dims that shard it.
-            row_sum = torch.linalg.vector_norm(grad32, dim=-1).square() + eps1 * grad32.shape[-1]
-            col_sum = torch.linalg.vector_norm(grad32, dim=-2).square() + eps1 * grad32.shape[-2]
-            row.mul_(beta2t).add_(sum_over(row_sum, param, [ndim - 1]) / param.shape[-1], alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(sum_over(col_sum, param, [ndim - 2]) / param.shape[-2], alpha=1.0 - beta2t)
-            # mean(row) runs over the row vector's last dim, which is the parameter's dim ndim-2.
-            row_mean = sum_over(row.sum(dim=-1, keepdim=True), param, [ndim - 2]) / param.shape[-2]
-            update = grad32.mul_((row / row_mean).rsqrt().unsqueeze(-1)).mul_(col.rsqrt().unsqueeze(-2))
+        p_local = local(param)
+        lr = group["lr"] * global_mean_square(p_local, param).sqrt().clamp(min=eps2)  # before this step's decay
+        # Memory: no whole float32 copy of the gradient or the update. Three passes over blocks of
+        # rows (statistics, the update's RMS, the update), each block converted by `prepared` afresh.
+        grad_blocks = row_blocks(grad.contiguous())
+        if param.dim() >= 2:
+            row_factor, col_factor = self._factored_scales(param, state, grad_blocks, beta2t, eps1)
         else:
             exp_avg_sq = local(state["exp_avg_sq"])
-            exp_avg_sq.mul_(beta2t).add_(grad32 * grad32 + eps1, alpha=1.0 - beta2t)
-            update = grad32.mul_(exp_avg_sq.rsqrt())
-        update_rms = global_mean_square(update, param).sqrt()
-        update.div_((update_rms / group["clip_threshold"]).clamp(min=1.0))
+            g32 = self.prepared(grad)
+            exp_avg_sq.mul_(beta2t).add_(g32.square_().add_(eps1), alpha=1.0 - beta2t)
+            row_factor, col_factor = torch.ones(1, 1, 1, device=g32.device), exp_avg_sq.rsqrt().view(1, 1, -1)
 
-        p_local = local(param)
-        lr = group["lr"] * global_mean_square(p_local, param).sqrt().clamp(min=eps2)
-        # Piece by piece, so a bf16 weight never gets a whole float32 copy.
-        for p_piece, u_piece in zip(pieces(p_local), pieces(update)):
-            p32 = p_piece.float()
+        def update_blocks():
+            start = 0
+            for block in grad_blocks:
+                rows = slice(start, start + block.shape[1])
+                start = rows.stop
+                yield self.prepared(block).mul_(row_factor[:, rows]).mul_(col_factor)
+
+        square = sum(torch.linalg.vector_norm(update).square() for update in update_blocks())
+        update_rms = (sum_over(square, param) / param.numel()).sqrt()
+        step_size = lr / (update_rms / group["clip_threshold"]).clamp(min=1.0)
+        for p_block, update in zip(row_blocks(p_local), update_blocks()):
+            p32 = p_block.float()
             if group["weight_decay"]:
                 p32.mul_(1.0 - lr * group["weight_decay"])
-            p32.sub_(u_piece * lr)
-            p_piece.copy_(p32)
+            p_block.copy_(p32.sub_(update.mul_(step_size)))
+
+    def _factored_scales(self, param, state, grad_blocks, beta2t: float, eps1: float):
+        """Update the row/column EMAs from the gradient; the factors [lead, rows, 1] and [lead, 1, cols]
+        whose product is the rsqrt of the factored second moment."""
+        ndim = param.dim()
+        row, col = local(state["exp_avg_sq_row"]), local(state["exp_avg_sq_col"])
+        lead, local_cols = grad_blocks[0].shape[0], grad_blocks[0].shape[2]
+        local_rows = sum(block.shape[1] for block in grad_blocks)
+        # Sums of g^2 + eps1 over the last / second-to-last dim, locally, then over the mesh dims
+        # that shard that dim; divided by the full dim for the means.
+        row_sum = torch.cat([torch.linalg.vector_norm(self.prepared(g), dim=-1).square() for g in grad_blocks], dim=1)
+        col_sum = sum(torch.linalg.vector_norm(self.prepared(g), dim=-2).square() for g in grad_blocks)
+        row_sum = row_sum.view(row.shape) + eps1 * local_cols
+        col_sum = col_sum.view(col.shape) + eps1 * local_rows
+        row.mul_(beta2t).add_(sum_over(row_sum, param, [ndim - 1]) / param.shape[-1], alpha=1.0 - beta2t)
+        col.mul_(beta2t).add_(sum_over(col_sum, param, [ndim - 2]) / param.shape[-2], alpha=1.0 - beta2t)
+        # mean(row) runs over the row vector's last dim, which is the parameter's dim ndim-2.
+        row_mean = sum_over(row.sum(dim=-1, keepdim=True), param, [ndim - 2]) / param.shape[-2]
+        return (row / row_mean).rsqrt().view(lead, local_rows, 1), col.rsqrt().view(lead, 1, local_cols)
+
+
+def row_blocks(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Views [lead, rows, cols] of a contiguous tensor (a vector: [1, 1, n]), split along rows into
+    blocks of about PIECE elements (writes go through to `tensor`)."""
+    view = tensor.view(math.prod(tensor.shape[:-2]), *tensor.shape[-2:]) if tensor.dim() >= 2 else tensor.view(1, 1, -1)
+    lead, _, cols = view.shape
+    return view.split(max(1, PIECE // max(1, lead * cols)), dim=1)

@@ -32,6 +32,14 @@ from dtcollie.optim.grad_norm import local, local_grad
 
 # ---------------------------------------------------------------------------- DTensor helpers
 
+PIECE = 2**20  # elements per piece of a chunked update: bounds its float32 temporaries
+
+
+def pieces(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Flat views of a contiguous tensor, PIECE elements each (writes go through to `tensor`)."""
+    return tensor.view(-1).split(PIECE)
+
+
 def sharded_dim(placement, ndim: int) -> int | None:
     """The tensor dim a placement shards (Shard or _StridedShard), or None."""
     if isinstance(placement, (Shard, _StridedShard)):
@@ -59,9 +67,10 @@ def sum_over(value: torch.Tensor, tensor: torch.Tensor, dims=None) -> torch.Tens
 
 def global_mean_square(local_value: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     """Mean of squares over the full logical `tensor`, given its local shard (float32 scalar)."""
-    # vector_norm accumulates in float32 without a float32 copy of a bf16 shard.
-    square = torch.linalg.vector_norm(local_value, dtype=torch.float32).square()
-    return sum_over(square, tensor) / tensor.numel()
+    # In pieces: vector_norm(dtype=float32) makes a float32 copy of a whole bf16 input.
+    square = sum(torch.linalg.vector_norm(piece, dtype=torch.float32).square()
+                 for piece in pieces(local_value.contiguous()))
+    return sum_over(torch.as_tensor(square, dtype=torch.float32, device=local_value.device), tensor) / tensor.numel()
 
 
 def drop_dim_placements(param: torch.Tensor, dropped: int) -> list | None:
@@ -93,14 +102,6 @@ def like_param(local_value: torch.Tensor, param: torch.Tensor, shape, placements
     placements = param.placements if placements is None else placements
     return DTensor.from_local(local_value, param.device_mesh, placements, run_check=False,
                               shape=shape, stride=torch.empty(shape, device="meta").stride())
-
-
-PIECE = 2**20  # elements per piece of a chunked update: bounds its float32 temporaries
-
-
-def pieces(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Flat views of a contiguous tensor, PIECE elements each (writes go through to `tensor`)."""
-    return tensor.view(-1).split(PIECE)
 
 
 class SquareNormAccumulator:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard
 
+from dtcollie.optim import adalomo as adalomo_module
 from dtcollie.optim.adalomo import AdaLomo
 from dtcollie.optim.lomo import LOMO
 
@@ -126,9 +127,12 @@ ADALOMO_CASES = {"plain": dict(), "weight_decay": dict(wd=0.5),
                  "clipped": dict(wd=0.1, clip_value=0.05, clip_norm=0.1)}
 
 
+@pytest.mark.parametrize("piece", [None, 5], ids=["whole", "one_row_per_block"])
 @pytest.mark.parametrize("case", ADALOMO_CASES)
-def test_adalomo_matches_reference(case):
+def test_adalomo_matches_reference(case, piece, monkeypatch):
     kw = ADALOMO_CASES[case]
+    if piece:  # the update goes over blocks of rows of about PIECE elements: here one 6-wide row each
+        monkeypatch.setattr(adalomo_module, "PIECE", piece)
     model, ref = make_model(), make_model()
     start = copy.deepcopy(model)
     opt = AdaLomo(model, lr=0.05, weight_decay=kw.get("wd", 0.0), clip_grad_value=kw.get("clip_value"),
