@@ -20,7 +20,8 @@ def lr_at(step: int, peak_lr: float, total_steps: int, cfg: LRScheduler) -> floa
         return peak_lr * step / cfg.warmup_steps
     if cfg.decay_type == "constant":
         return peak_lr
-    decay_steps = total_steps - cfg.warmup_steps
+    # A run no longer than its warmup has no decay phase: the step after its last is at min_lr.
+    decay_steps = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     if cfg.decay_type == "linear":
         return peak_lr - (peak_lr - cfg.min_lr) * progress

@@ -35,6 +35,13 @@ def test_linear_and_constant():
         [1.0, 2.0, 2.0, 2.0])
 
 
+@pytest.mark.parametrize("decay_type", ["cosine", "linear"])
+def test_a_run_as_long_as_its_warmup_ends_at_the_peak(decay_type):
+    # The scheduler steps once more after the last step, past the warmup with no decay phase.
+    assert lrs(4, 1.0, LRScheduler(warmup_steps=4, decay_type=decay_type, min_lr=0.1)) == pytest.approx(
+        [0.25, 0.5, 0.75, 1.0])
+
+
 def test_scheduler_state_resumes():
     cfg = LRScheduler(warmup_steps=3, decay_type="cosine", min_lr=0.01)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
