@@ -68,8 +68,10 @@ class Training:
                                    minimum=1)
     seq_len: int = option(128, "tokens per training sequence", minimum=2)
     max_norm: float = option(1.0, "clip gradients to this global L2 norm; 0 disables clipping", minimum=0.0)
-    mixed_precision: str = option("fp32", "bf16 autocast with fp32 master weights, or plain fp32",
-                                  choices=("bf16", "fp32"))
+    mixed_precision: str = option("fp32", "bf16: bf16 compute, fp32 master weights (autocast or FSDP's policy); "
+                                  "bf16_weights: the weights themselves in bf16, no fp32 copy (lomo and adalomo "
+                                  "only, which update in float32 pieces); fp32: plain fp32",
+                                  choices=("bf16", "bf16_weights", "fp32"))
     eval_interval: int = option(50, "validate every this many steps and at the end; 0 disables", minimum=0)
     eval_steps: int = option(4, "validation batches per evaluation", minimum=1)
     device: str = option("auto", "auto picks CUDA when available, else CPU", choices=("auto", "cpu", "cuda"))

@@ -39,7 +39,7 @@ def read_losses(dump_folder: str | Path) -> dict[int, float]:
 
 def peak_flops(device: torch.device, mixed_precision: str) -> float | None:
     """Peak FLOP/s of the device for this run's math, or None when not known (CPU, fp32, unlisted GPU)."""
-    if device.type != "cuda" or mixed_precision != "bf16":
+    if device.type != "cuda" or mixed_precision not in ("bf16", "bf16_weights"):
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for fragment, flops in PEAK_BF16_FLOPS.items() if fragment in name), None)

@@ -36,7 +36,7 @@ def test_cli_forms():
     ("[trainig]\nsteps = 5\n", "unknown section [trainig] in"),
     ("[training]\nsteps = 'five'\n", "training.steps must be int, got 'five'"),
     ("[training]\nsteps = 0\n", "training.steps = 0 is too small; it must be >= 1"),
-    ("[training]\nmixed_precision = 'fp16'\n", "choose one of bf16, fp32"),
+    ("[training]\nmixed_precision = 'fp16'\n", "choose one of bf16, bf16_weights, fp32"),
     ("[training]\nglobal_batch_size = 6\nmicro_batch_size = 4\n", "not a multiple of training.micro_batch_size"),
     ("[optimizer]\nlr = 1e-4\n[lr_scheduler]\nmin_lr = 1e-3\n", "exceeds optimizer.lr"),
     ("[parallelism]\ntpp = 2\n", "unknown key parallelism.tpp; did you mean parallelism.tp?"),

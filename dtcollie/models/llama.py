@@ -222,7 +222,7 @@ def check_attention(args: ModelArgs, device: torch.device, mixed_precision: str)
         raise ConfigError("model.attention = 'flash' needs the flash-attn package: pip install 'dtcollie[gpu]'")
     if device.type != "cuda":
         raise ConfigError(f"model.attention = 'flash' needs a CUDA device; this run uses {device.type}")
-    if mixed_precision != "bf16":
+    if mixed_precision not in ("bf16", "bf16_weights"):
         raise ConfigError("model.attention = 'flash' needs training.mixed_precision = 'bf16'")
 
 

@@ -93,6 +93,10 @@ def check_layout(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, device: to
     if dims.pp > 1:
         check_pipeline_config(cfg.parallelism, args, training.micro_batch_size)
     name = cfg.optimizer.name
+    if training.mixed_precision == "bf16_weights" and (name not in FUSED_OPTIMIZERS or lora_settings(cfg)):
+        raise ConfigError(f"training.mixed_precision = 'bf16_weights' keeps no fp32 master weights, which only "
+                          f"optimizer.name = 'lomo' or 'adalomo' on a full model can train (got {name!r}"
+                          f"{' with LoRA' if lora_settings(cfg) else ''}); use mixed_precision = 'bf16'")
     if name in FUSED_OPTIMIZERS and training.global_batch_size != training.micro_batch_size * dims.dp:
         raise ConfigError(f"optimizer.name = {name!r} updates during backward, so it cannot accumulate gradients: "
                           f"set training.micro_batch_size = global_batch_size / data-parallel ranks = "
@@ -115,7 +119,8 @@ def parallelize_model(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh:
         parts = split_model(whole, stage_ids, stage_layer_ids(args, num_stages, parallelism.pp_partition))
     else:
         num_stages, stage_ids, parts = 1, [0], [whole]
-    param_dtype = torch.bfloat16 if cfg.training.mixed_precision == "bf16" else torch.float32
+    precision = cfg.training.mixed_precision
+    param_dtype = torch.bfloat16 if precision in ("bf16", "bf16_weights") else torch.float32
     # FSDP also on a size-1 data-parallel mesh (a) for bf16: its mixed-precision policy is what
     # casts parameters for TP and pipeline stages (autocast does not cover pipeline schedules);
     # (b) for LOMO/AdaLomo under pipeline parallelism: a stage's gradients accumulate over the
@@ -126,12 +131,14 @@ def parallelize_model(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh:
     for part in parts:
         if lora is not None:
             apply_lora(part, **dataclasses.asdict(lora))
+        if precision == "bf16_weights":
+            part.to(dtype=torch.bfloat16)  # the RoPE tables, cast too, are rebuilt in fp32 on materialising
         if dims.tp > 1:
             apply_tensor_parallel(part, mesh["tp"], parallelism.sequence_parallel, parallelism.loss_parallel)
         apply_activation_checkpointing(part, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_every)
         if cfg.compile.enable:
             compile_blocks(part, tensor_parallel=dims.tp > 1, retains_graph=fused)
-        if dims.dp > 1 or (mesh is not None and param_dtype == torch.bfloat16) or (dims.pp > 1 and fused):
+        if dims.dp > 1 or (mesh is not None and precision == "bf16") or (dims.pp > 1 and fused):
             dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
             apply_fsdp(part, dp_mesh, param_dtype, parallelism.fsdp_reshard_after_forward,
                        parallelism.fsdp_cpu_offload)

@@ -232,12 +232,14 @@ def format_plan(result: dict, cfg: JobConfig) -> str:
 
 def notes(cfg: JobConfig, dims: ParallelDims) -> list[str]:
     """What the columns mean for this layout, and what the table leaves out."""
-    parallelism, compute = cfg.parallelism, cfg.training.mixed_precision
+    parallelism, precision = cfg.parallelism, cfg.training.mixed_precision
+    compute = "bf16" if precision == "bf16_weights" else precision
+    weights = "bf16 weights (no master copy)" if precision == "bf16_weights" else "fp32 master weights"
     alike = [name for name in MESH_DIMS[1:] if getattr(dims, name) > 1]
     padding = " (FSDP pads uneven dim-0 shards to the first shard's size)" if dims.dp_shard > 1 else ""
     out = [f"one row per pipeline rank; ranks differing only in {' / '.join(alike)} hold equal shards{padding}"
            if alike else "one row per pipeline rank",
-           f"params, grads, state: fp32 master weights of this rank, their gradients, {cfg.optimizer.name} state "
+           f"params, grads, state: {weights} of this rank, their gradients, {cfg.optimizer.name} state "
            f"({STATE_COPIES[cfg.optimizer.name]} copies of the weights"
            + ("; fused: one gradient at a time)" if cfg.optimizer.name in FUSED else ")")]
     if dims.dp > 1:
@@ -249,7 +251,7 @@ def notes(cfg: JobConfig, dims: ParallelDims) -> list[str]:
                        f"keeps them from forward to backward)")
     else:
         out.append("gathered: 0 without FSDP (dp = 1)" +
-                   ("; bf16 autocast caches a bf16 copy of the weights it uses" if compute == "bf16" else ""))
+                   ("; bf16 autocast caches a bf16 copy of the weights it uses" if precision == "bf16" else ""))
     if parallelism.fsdp_cpu_offload and dims.dp > 1:
         out.append("fsdp_cpu_offload = true: params, grads and optimizer state live in host memory, not on the GPU")
     out.append("total = params + grads + state + gathered; activations are not included")

@@ -36,11 +36,19 @@ def interrupted_run(folder: Path, overrides: list, stop_after: int) -> Trainer:
     return second
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adalomo", "sophiag", "adan"])
-def test_resume_is_bit_identical(tmp_path, optimizer):
-    overrides = [("training.steps", "6"), ("checkpoint.interval", "2"), ("optimizer.name", optimizer),
-                 ("optimizer.hessian_interval" if optimizer == "sophiag" else "training.steps",
-                  "2" if optimizer == "sophiag" else "6")]
+RESUMED_RUNS = {  # name: overrides
+    "adamw": [("optimizer.name", "adamw")],
+    "adalomo": [("optimizer.name", "adalomo")],
+    "sophiag": [("optimizer.name", "sophiag"), ("optimizer.hessian_interval", "2")],
+    "adan": [("optimizer.name", "adan")],
+    "lomo_bf16_weights": [("optimizer.name", "lomo"), ("optimizer.lr", "0.5"),
+                          ("training.mixed_precision", "bf16_weights")],
+}
+
+
+@pytest.mark.parametrize("run", RESUMED_RUNS.values(), ids=RESUMED_RUNS.keys())
+def test_resume_is_bit_identical(tmp_path, run):
+    overrides = [("training.steps", "6"), ("checkpoint.interval", "2")] + run
     Trainer(job(tmp_path / "whole", overrides)).train()
     interrupted_run(tmp_path / "resumed", overrides, stop_after=3)
     whole, resumed = read_losses(tmp_path / "whole"), read_losses(tmp_path / "resumed")

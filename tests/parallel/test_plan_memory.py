@@ -54,6 +54,20 @@ def test_7b_on_8_ranks_holds_an_eighth_of_the_model():
     assert abs(float(row["total GiB"]) - (16 * params + (2 * 16000 * 4096 + 4096) * 2) / GIB) < 0.006
 
 
+def test_lomo_with_bf16_weights_holds_two_bytes_per_parameter():
+    layout = ["--world-size", "8", "--parallelism.tp", "2", "--parallelism.dp_shard", "-1", "--parallelism.pp", "1",
+              "--parallelism.dp_replicate", "1"]
+    master, bf16 = (run_plan("--config", "train_configs/7b_lomo.toml", *layout, "--training.mixed_precision", precision)
+                    for precision in ("bf16", "bf16_weights"))
+    assert master.returncode == 0 and bf16.returncode == 0, master.stderr + bf16.stderr
+    (master_row,), (bf16_row,) = table(master.stdout), table(bf16.stdout)
+    params = int(bf16_row["params"].replace(",", ""))
+    assert abs(float(master_row["params GiB"]) - params * 4 / GIB) < 0.006
+    assert abs(float(bf16_row["params GiB"]) - params * 2 / GIB) < 0.006
+    assert float(bf16_row["state GiB"]) == 0.0
+    assert "bf16 weights (no master copy)" in bf16.stdout
+
+
 def test_pipeline_layout_has_one_row_per_pipeline_rank():
     done = run_plan("--config", "train_configs/7b.toml", "--world-size", "8", "--parallelism.tp", "4",
                     "--parallelism.pp", "2", "--parallelism.dp_shard", "1", "--parallelism.dp_replicate", "1",
