@@ -16,6 +16,8 @@ from typing import Any, get_type_hints
 
 from dtcollie.errors import ConfigError
 
+BF16_COMPUTE = ("bf16", "bf16_weights")  # the training.mixed_precision values whose math runs in bf16
+
 
 def option(default, doc: str, choices: tuple = (), minimum=None):
     """A config field with its one-line doc, allowed choices and lower bound (inclusive)."""
@@ -71,7 +73,7 @@ class Training:
     mixed_precision: str = option("fp32", "bf16: bf16 compute, fp32 master weights (autocast or FSDP's policy); "
                                   "bf16_weights: the weights themselves in bf16, no fp32 copy (lomo and adalomo "
                                   "only, which update in float32 pieces); fp32: plain fp32",
-                                  choices=("bf16", "bf16_weights", "fp32"))
+                                  choices=(*BF16_COMPUTE, "fp32"))
     eval_interval: int = option(50, "validate every this many steps and at the end; 0 disables", minimum=0)
     eval_steps: int = option(4, "validation batches per evaluation", minimum=1)
     device: str = option("auto", "auto picks CUDA when available, else CPU", choices=("auto", "cpu", "cuda"))

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from dtcollie.config import BF16_COMPUTE
+
 logger = logging.getLogger("dtcollie")
 
 # Dense bf16 tensor-core peak FLOP/s by CUDA device name fragment. MFU is only reported for these.
@@ -39,7 +41,7 @@ def read_losses(dump_folder: str | Path) -> dict[int, float]:
 
 def peak_flops(device: torch.device, mixed_precision: str) -> float | None:
     """Peak FLOP/s of the device for this run's math, or None when not known (CPU, fp32, unlisted GPU)."""
-    if device.type != "cuda" or mixed_precision not in ("bf16", "bf16_weights"):
+    if device.type != "cuda" or mixed_precision not in BF16_COMPUTE:
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for fragment, flops in PEAK_BF16_FLOPS.items() if fragment in name), None)

@@ -3,7 +3,8 @@
 Precision (`dtype` "bf16"): the forward-only and the LOMO/AdaLomo rows hold bf16 weights and
 nothing else (no fp32 master copy: that is what fusing the update into backward is for), as the
 trainer's `mixed_precision = "bf16_weights"` does. The other optimizers train the way its
-`mixed_precision = "bf16"` does: fp32 master weights, fp32 gradients and fp32 states, bf16 autocast. `dtype` "fp32": fp32 everywhere.
+`mixed_precision = "bf16"` does: fp32 master weights, fp32 gradients and fp32 states, bf16
+autocast. `dtype` "fp32": fp32 everywhere.
 
 Recipe: dtcollie's training rows checkpoint every block and compute the output projection and
 cross-entropy in sequence chunks (`dtcollie.loss_chunked`); the pytorch-optimizer rows run the

@@ -20,6 +20,7 @@ try:
 except ImportError:
     flash_attn_func = None
 
+from dtcollie.config import BF16_COMPUTE
 from dtcollie.errors import ConfigError
 
 
@@ -222,8 +223,9 @@ def check_attention(args: ModelArgs, device: torch.device, mixed_precision: str)
         raise ConfigError("model.attention = 'flash' needs the flash-attn package: pip install 'dtcollie[gpu]'")
     if device.type != "cuda":
         raise ConfigError(f"model.attention = 'flash' needs a CUDA device; this run uses {device.type}")
-    if mixed_precision not in ("bf16", "bf16_weights"):
-        raise ConfigError("model.attention = 'flash' needs training.mixed_precision = 'bf16'")
+    if mixed_precision not in BF16_COMPUTE:
+        raise ConfigError(f"model.attention = 'flash' needs training.mixed_precision = 'bf16' or 'bf16_weights', "
+                          f"not {mixed_precision!r}")
 
 
 def count_parameters(model: nn.Module, exclude_embedding: bool = False) -> int:

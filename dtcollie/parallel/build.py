@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from dtcollie.checkpoint import load_model_weights
-from dtcollie.config import JobConfig
+from dtcollie.config import BF16_COMPUTE, JobConfig
 from dtcollie.errors import ConfigError
 from dtcollie.models.llama import ModelArgs, Transformer, check_attention
 from dtcollie.optim.build import FUSED_OPTIMIZERS
@@ -85,18 +85,18 @@ def lora_settings(cfg: JobConfig) -> LoRAConfig | None:
 
 def check_layout(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, device: torch.device) -> None:
     """Every layout mistake, as a ConfigError raised identically on every rank before any collective."""
-    training = cfg.training
-    if lora_settings(cfg) is not None:
-        check_lora_config(lora_settings(cfg))
+    training, lora = cfg.training, lora_settings(cfg)
+    if lora is not None:
+        check_lora_config(lora)
     check_attention(args, device, training.mixed_precision)
     check_tensor_parallel(args, dims.tp, training.seq_len, cfg.parallelism.sequence_parallel)
     if dims.pp > 1:
         check_pipeline_config(cfg.parallelism, args, training.micro_batch_size)
     name = cfg.optimizer.name
-    if training.mixed_precision == "bf16_weights" and (name not in FUSED_OPTIMIZERS or lora_settings(cfg)):
+    if training.mixed_precision == "bf16_weights" and (name not in FUSED_OPTIMIZERS or lora is not None):
         raise ConfigError(f"training.mixed_precision = 'bf16_weights' keeps no fp32 master weights, which only "
                           f"optimizer.name = 'lomo' or 'adalomo' on a full model can train (got {name!r}"
-                          f"{' with LoRA' if lora_settings(cfg) else ''}); use mixed_precision = 'bf16'")
+                          f"{' with LoRA' if lora is not None else ''}); use mixed_precision = 'bf16'")
     if name in FUSED_OPTIMIZERS and training.global_batch_size != training.micro_batch_size * dims.dp:
         raise ConfigError(f"optimizer.name = {name!r} updates during backward, so it cannot accumulate gradients: "
                           f"set training.micro_batch_size = global_batch_size / data-parallel ranks = "
@@ -120,7 +120,7 @@ def parallelize_model(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh:
     else:
         num_stages, stage_ids, parts = 1, [0], [whole]
     precision = cfg.training.mixed_precision
-    param_dtype = torch.bfloat16 if precision in ("bf16", "bf16_weights") else torch.float32
+    param_dtype = torch.bfloat16 if precision in BF16_COMPUTE else torch.float32
     # FSDP also on a size-1 data-parallel mesh (a) for bf16: its mixed-precision policy is what
     # casts parameters for TP and pipeline stages (autocast does not cover pipeline schedules);
     # (b) for LOMO/AdaLomo under pipeline parallelism: a stage's gradients accumulate over the

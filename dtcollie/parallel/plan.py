@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from dtcollie.config import JobConfig
+from dtcollie.config import BF16_COMPUTE, JobConfig
 from dtcollie.errors import ConfigError
 from dtcollie.models.llama import ModelArgs, Transformer, count_parameters
 from dtcollie.parallel.build import ParallelModel, check_layout, parallelize_model
@@ -233,7 +233,7 @@ def format_plan(result: dict, cfg: JobConfig) -> str:
 def notes(cfg: JobConfig, dims: ParallelDims) -> list[str]:
     """What the columns mean for this layout, and what the table leaves out."""
     parallelism, precision = cfg.parallelism, cfg.training.mixed_precision
-    compute = "bf16" if precision == "bf16_weights" else precision
+    compute = "bf16" if precision in BF16_COMPUTE else "fp32"
     weights = "bf16 weights (no master copy)" if precision == "bf16_weights" else "fp32 master weights"
     alike = [name for name in MESH_DIMS[1:] if getattr(dims, name) > 1]
     padding = " (FSDP pads uneven dim-0 shards to the first shard's size)" if dims.dp_shard > 1 else ""
