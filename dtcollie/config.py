@@ -72,8 +72,9 @@ class Training:
     max_norm: float = option(1.0, "clip gradients to this global L2 norm; 0 disables clipping", minimum=0.0)
     mixed_precision: str = option("fp32", "bf16: bf16 compute, fp32 master weights (autocast or FSDP's policy); "
                                   "bf16_weights: the weights themselves in bf16, no fp32 copy (lomo and adalomo "
-                                  "only, which update in float32 pieces); fp32: plain fp32",
-                                  choices=(*BF16_COMPUTE, "fp32"))
+                                  "only, which update in float32 pieces); fp32: plain fp32; fp64: float64 "
+                                  "weights, compute, reductions and updates (a reference for exactness checks)",
+                                  choices=(*BF16_COMPUTE, "fp32", "fp64"))
     eval_interval: int = option(50, "validate every this many steps and at the end; 0 disables", minimum=0)
     eval_steps: int = option(4, "validation batches per evaluation", minimum=1)
     device: str = option("auto", "auto picks CUDA when available, else CPU", choices=("auto", "cpu", "cuda"))

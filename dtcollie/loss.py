@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from dtcollie.precision import accumulation_dtype
+
 IGNORE_INDEX = -100
 
 
@@ -11,8 +13,8 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
     Summed, not averaged: the trainer divides by the label-token count of the whole global batch so
     that gradient accumulation and data parallelism give the loss of one big batch. The softmax
-    runs in fp32 even under bf16 autocast."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+    runs in fp32 even under bf16 autocast (fp64 in the fp64 mode)."""
+    return F.cross_entropy(logits.flatten(0, 1).to(accumulation_dtype(logits.dtype)), labels.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
 
 
@@ -23,7 +25,7 @@ def sample_labels(logits: torch.Tensor, labels: torch.Tensor, key: tuple) -> tor
     Each sequence's noise comes from a generator seeded by `key` and the sequence's own labels
     (Python hashes int tuples the same in every process), so a sequence gets the same draw in
     whichever rank, micro-batch or pipeline chunk it lands."""
-    logits = logits.detach().float()
+    logits = logits.detach().to(accumulation_dtype(logits.dtype))
     sampled = torch.empty_like(labels)
     for row, (row_logits, row_labels) in enumerate(zip(logits, labels)):
         generator = torch.Generator(logits.device).manual_seed(hash((key, *row_labels.tolist())) % 2**63)

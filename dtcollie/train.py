@@ -243,7 +243,7 @@ class Trainer:
             self.optimizer_step(micro_batches, tokens)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = sum_over(loss.float(), self.loss_groups)
+        loss = sum_over(loss.double(), self.loss_groups)
         return loss.item(), grad_norm.item(), tokens
 
     def optimizer_step(self, micro_batches: list[dict], global_tokens: int) -> None:
@@ -277,7 +277,7 @@ class Trainer:
         self.global_label_tokens = self.count_label_tokens(batches)
         loss = sum(self.run_micro_batch(batch, backward=False) for batch in batches)
         self.model.train(True)
-        loss = sum_over(loss.float(), self.loss_groups).item()
+        loss = sum_over(loss.double(), self.loss_groups).item()
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0))}
 
     def write_run_config(self) -> None:

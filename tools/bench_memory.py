@@ -1,9 +1,12 @@
 """Peak training memory per parameter of each optimizer, as in the CoLLiE paper's table.
 
 Each row runs in a fresh process: the model is built and trained for a few steps, and the peak
-memory of those steps (CUDA: max_memory_allocated; CPU: the resident high-water mark) above a
-baseline taken before the model exists (after imports and a warm-up step on a tiny model) is
-divided by the parameter count; so it counts weights, optimizer state, gradients and activations.
+memory of those steps (CUDA: max_memory_allocated; CPU: torch's own allocations, from the
+profiler's memory records) above a baseline taken before the model exists (after imports and a
+warm-up step on a tiny model) is divided by the parameter count; so it counts weights, optimizer
+state, gradients and activations. On CPU a second fresh process per row also reports the resident
+high-water mark, which depends on the operating system's page accounting (pages of kernels and
+libraries loaded on first use, memory the C allocator keeps) and so differs between machines.
 See dtcollie.bench.memory for how, and dtcollie.bench.memory_rows for what each row runs.
 
 With --dtype bf16 (the default) the forward-only reference and the LOMO/AdaLomo rows hold bf16
@@ -100,7 +103,9 @@ def main(argv):
               f"torch {torch.__version__}")
     footer = [
         "bytes/param = (peak of the steps - baseline before the model is built) / parameters, each row in a fresh "
-        f"process, baseline after imports and a tiny warm-up step; measured by {results[0]['method']}.",
+        f"process, baseline after imports and a tiny warm-up step; measured by {results[0]['method']}. "
+        "resident: the same from the process's resident high-water mark (another fresh process; OS page "
+        "accounting, not comparable between machines).",
         PRECISION_NOTES[options.dtype] + " No gradient clipping.",
         f"dtcollie rows: every block checkpointed, output projection + cross-entropy in {options.loss_chunk}-position "
         f"chunks; ({REFERENCE_PACKAGE}) rows: plain model, full fp32 logits, as that package documents.",

@@ -31,6 +31,7 @@ from torch import nn
 
 from dtcollie.optim.fused import (PIECE, FusedOptimizer, drop_dim_placements, global_mean_square, like_param,
                                   local, sum_over)
+from dtcollie.precision import accumulation_dtype
 
 
 class AdaLomo(FusedOptimizer):
@@ -52,7 +53,7 @@ class AdaLomo(FusedOptimizer):
         state, p_local, shape = self.state[param], local(param), param.shape
         state["step"] = torch.zeros((), dtype=torch.float32)
         local_shape = p_local.shape
-        zeros = lambda s: torch.zeros(s, dtype=torch.float32, device=p_local.device)  # noqa: E731
+        zeros = lambda s: torch.zeros(s, dtype=accumulation_dtype(p_local.dtype), device=p_local.device)  # noqa: E731
         if param.dim() >= 2:
             state["exp_avg_sq_row"] = like_param(zeros(local_shape[:-1]), param, shape[:-1],
                                                  drop_dim_placements(param, param.dim() - 1))
@@ -91,7 +92,7 @@ class AdaLomo(FusedOptimizer):
         update_rms = (sum_over(square, param) / param.numel()).sqrt()
         step_size = lr / (update_rms / group["clip_threshold"]).clamp(min=1.0)
         for p_block, update in zip(row_blocks(p_local), update_blocks()):
-            p32 = p_block.float()
+            p32 = p_block.to(accumulation_dtype(p_block.dtype))  # float32 itself: no copy
             if group["weight_decay"]:
                 p32.mul_(1.0 - lr * group["weight_decay"])
             p_block.copy_(p32.sub_(update.mul_(step_size)))

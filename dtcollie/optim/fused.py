@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Replicate, Shard, _StridedShard
 
 from dtcollie.optim.grad_norm import local, local_grad
+from dtcollie.precision import accumulation_dtype
 
 
 # ---------------------------------------------------------------------------- DTensor helpers
@@ -66,11 +67,12 @@ def sum_over(value: torch.Tensor, tensor: torch.Tensor, dims=None) -> torch.Tens
 
 
 def global_mean_square(local_value: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
-    """Mean of squares over the full logical `tensor`, given its local shard (float32 scalar)."""
+    """Mean of squares over the full logical `tensor`, given its local shard (float32 scalar; float64
+    for float64 input)."""
+    dtype = accumulation_dtype(local_value.dtype)
     # In pieces: vector_norm(dtype=float32) makes a float32 copy of a whole bf16 input.
-    square = sum(torch.linalg.vector_norm(piece, dtype=torch.float32).square()
-                 for piece in pieces(local_value.contiguous()))
-    return sum_over(torch.as_tensor(square, dtype=torch.float32, device=local_value.device), tensor) / tensor.numel()
+    square = sum(torch.linalg.vector_norm(piece, dtype=dtype).square() for piece in pieces(local_value.contiguous()))
+    return sum_over(torch.as_tensor(square, dtype=dtype, device=local_value.device), tensor) / tensor.numel()
 
 
 def drop_dim_placements(param: torch.Tensor, dropped: int) -> list | None:
@@ -125,7 +127,8 @@ class SquareNormAccumulator:
             self.buckets[key] = (param, square)
 
     def total(self, device, pp_group=None) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=device)
+        squares = [square for _, square in self.buckets.values()]
+        total = torch.zeros((), dtype=accumulation_dtype(*(square.dtype for square in squares)), device=device)
         for param, square in self.buckets.values():
             total += sum_over(square, param).to(device)
         if pp_group is not None:
@@ -302,13 +305,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._update(param, grad, self._group_of(param))
 
     def _square_sum(self, grad: torch.Tensor) -> torch.Tensor:
-        """Sum of the squared unscaled gradient of a local shard, in float32 pieces."""
+        """Sum of the squared unscaled gradient of a local shard, in float32 (float64) pieces."""
         return sum(self.prepared(piece, clip=False).square().sum() for piece in pieces(grad.contiguous()))
 
     def prepared(self, grad: torch.Tensor, clip: bool = True) -> torch.Tensor:
-        """A (piece of a) local gradient as float32, unscaled, clipped by value and by the global norm.
-        Subclasses call it from `_update`, on the whole gradient or piece by piece."""
-        g = grad.float() if grad.dtype != torch.float32 else grad.clone()
+        """A (piece of a) local gradient as a new float32 tensor (float64 for a float64 one), unscaled,
+        clipped by value and by the global norm. Subclasses call it from `_update`, on the whole
+        gradient or piece by piece."""
+        g = grad.to(accumulation_dtype(grad.dtype), copy=True)
         if self.scaler is not None:
             g.div_(self.scaler.scale)
         if clip and self.clip_grad_value:

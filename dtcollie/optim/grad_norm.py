@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from dtcollie.precision import accumulation_dtype
+
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """The rank-local part of a DTensor (a view that in-place ops write through), or the tensor itself."""
@@ -37,7 +39,7 @@ def local_grad(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 def global_grad_norm(grads: Iterable[torch.Tensor], device: torch.device,
                      pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """L2 norm over the full logical tensors of all `grads` (plain tensor, float32, on `device`).
+    """L2 norm over the full logical tensors of all `grads` (plain tensor, float32 or float64, on `device`).
 
     DTensors are grouped by mesh because one DTensor reduction cannot mix meshes; plain tensors
     form their own group. Pipeline stages hold disjoint parameters, so the squared norms of all
@@ -46,12 +48,12 @@ def global_grad_norm(grads: Iterable[torch.Tensor], device: torch.device,
     by_mesh: dict = {}
     for grad in grads:
         by_mesh.setdefault(grad.device_mesh if isinstance(grad, DTensor) else None, []).append(grad)
-    square = torch.zeros((), dtype=torch.float32, device=device)
+    square = torch.zeros((), dtype=accumulation_dtype(*(g.dtype for group in by_mesh.values() for g in group)), device=device)
     for tensors in by_mesh.values():
         norm = torch.nn.utils.get_total_norm(tensors, norm_type=2.0)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        square += norm.to(device=device, dtype=torch.float32) ** 2
+        square += norm.to(device=device, dtype=square.dtype) ** 2
     if pp_group is not None:
         dist.all_reduce(square, group=pp_group)
     return square.sqrt()

@@ -14,12 +14,13 @@ with the global norm from the first backward pass (`grad_norm`), as in the refer
 
 fp16 parameters get a dynamic loss scaler (see `fused.py` for how an overflow skips the whole
 step safely); the reference instead forces clip_grad_norm on for fp16 and keeps the same two
-passes. The optimizer's update is computed in float32 and written back in the parameter's dtype.
+passes. The optimizer's update is computed in float32 (float64 for float64 weights) and written back in the parameter's dtype.
 """
 
 from torch import nn
 
 from dtcollie.optim.fused import FusedOptimizer, local, pieces
+from dtcollie.precision import accumulation_dtype
 
 
 class LOMO(FusedOptimizer):
@@ -40,7 +41,7 @@ class LOMO(FusedOptimizer):
     def _update(self, param, grad, group) -> None:
         # Piece by piece: a bf16 weight never gets a whole float32 copy (nor does its gradient).
         for p_piece, g_piece in zip(pieces(local(param)), pieces(grad.contiguous())):
-            p32 = p_piece.float()
+            p32 = p_piece.to(accumulation_dtype(p_piece.dtype))  # float32 itself: no copy
             if group["weight_decay"]:
                 p32.mul_(1.0 - group["lr"] * group["weight_decay"])
             p32.add_(self.prepared(g_piece), alpha=-group["lr"])

@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from dtcollie.checkpoint import load_model_weights
-from dtcollie.config import BF16_COMPUTE, JobConfig
+from dtcollie.config import JobConfig
 from dtcollie.errors import ConfigError
 from dtcollie.models.llama import ModelArgs, Transformer, check_attention
 from dtcollie.optim.build import FUSED_OPTIMIZERS
@@ -24,6 +24,7 @@ from dtcollie.parallel.fsdp import apply_fsdp
 from dtcollie.parallel.mesh import ParallelDims
 from dtcollie.parallel.pipeline import check_pipeline_config, split_model, stage_indices, stage_layer_ids
 from dtcollie.parallel.tensor import apply_tensor_parallel, check_tensor_parallel
+from dtcollie.precision import compute_dtype
 
 
 @dataclass
@@ -120,7 +121,7 @@ def parallelize_model(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh:
     else:
         num_stages, stage_ids, parts = 1, [0], [whole]
     precision = cfg.training.mixed_precision
-    param_dtype = torch.bfloat16 if precision in BF16_COMPUTE else torch.float32
+    param_dtype = compute_dtype(precision)
     # FSDP also on a size-1 data-parallel mesh (a) for bf16: its mixed-precision policy is what
     # casts parameters for TP and pipeline stages (autocast does not cover pipeline schedules);
     # (b) for LOMO/AdaLomo under pipeline parallelism: a stage's gradients accumulate over the
@@ -131,8 +132,8 @@ def parallelize_model(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh:
     for part in parts:
         if lora is not None:
             apply_lora(part, **dataclasses.asdict(lora))
-        if precision == "bf16_weights":
-            part.to(dtype=torch.bfloat16)  # the RoPE tables, cast too, are rebuilt in fp32 on materialising
+        if precision in ("bf16_weights", "fp64"):
+            part.to(dtype=param_dtype)  # the RoPE tables, cast too, are rebuilt in fp32 on materialising
         if dims.tp > 1:
             apply_tensor_parallel(part, mesh["tp"], parallelism.sequence_parallel, parallelism.loss_parallel)
         apply_activation_checkpointing(part, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_every)

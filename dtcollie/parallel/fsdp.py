@@ -9,6 +9,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+from dtcollie.precision import accumulation_dtype
+
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, reshard_after_forward: bool,
                cpu_offload: bool) -> None:
@@ -17,7 +19,8 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, 
     Gradients are reduced as sums, not averages: the trainer already divides the loss by the label
     tokens of the whole global batch, across all data-parallel ranks."""
     options = dict(mesh=dp_mesh, reshard_after_forward=reshard_after_forward,
-                   mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+                   mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype,
+                                                  reduce_dtype=accumulation_dtype(param_dtype)),
                    offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
     for block in model.layers.values():
         fully_shard(block, **options)

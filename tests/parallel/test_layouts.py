@@ -2,7 +2,9 @@
 
 Each layout runs the real entry point under torchrun (gloo, CPU) for 5 fp32 steps from the same
 initial weights (a DCP folder, which also exercises resharding on load) and the same data; its
-per-step losses must equal the single-process run's to 1e-5 relative.
+per-step losses must equal the single-process run's to 1e-5 relative. The single-process reference
+runs with 1 and with 2 OpenMP threads (the layouts with 1 per rank), and both must match: a bar
+that held only for one summation order would fail here rather than on another machine.
 """
 
 import os
@@ -21,15 +23,16 @@ STEPS = 5
 COMMON = ["--training.steps", str(STEPS), "--training.seq_len", "32", "--metrics.log_freq", "1",
           "--training.eval_interval", "0", "--metrics.enable_tensorboard", "false",
           "--training.global_batch_size", "8"]
+THREADS = (1, 2)  # OpenMP threads of the single-process references
 
 
-def train(folder: Path, weights: Path, nproc: int, overrides: list[str]) -> subprocess.CompletedProcess:
+def train(folder: Path, weights: Path, nproc: int, overrides: list[str], threads: int = 1) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     command = (launcher if nproc > 1 else [sys.executable]) + ["-m", "dtcollie.train", *COMMON,
                                                               "--checkpoint.initial_load_path", str(weights),
                                                               "--job.dump_folder", str(folder), *overrides]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -40,15 +43,23 @@ def weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, weights) -> list[float]:
-    losses = losses_of_run(tmp_path_factory.mktemp("one"), weights, 1, [])
-    assert len(losses) == STEPS and losses[-1] < losses[0]
-    return losses
+def reference(tmp_path_factory, weights) -> dict[int, list[float]]:
+    """The single-process losses, by OpenMP thread count."""
+    references = {threads: losses_of_run(tmp_path_factory.mktemp(f"one_{threads}_threads"), weights, 1, [], threads)
+                  for threads in THREADS}
+    for losses in references.values():
+        assert len(losses) == STEPS and losses[-1] < losses[0]
+    return references
 
 
-def losses_of_run(folder, weights, nproc, overrides) -> list[float]:
-    train(folder, weights, nproc, overrides)
+def losses_of_run(folder, weights, nproc, overrides, threads: int = 1) -> list[float]:
+    train(folder, weights, nproc, overrides, threads)
     return list(read_losses(folder).values())
+
+
+def assert_matches(losses: list[float], references: dict[int, list[float]], rel: float) -> None:
+    for threads, expected in references.items():
+        assert losses == pytest.approx(expected, rel=rel), f"the reference with {threads} OpenMP threads"
 
 
 LAYOUTS = {
@@ -80,15 +91,14 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 def test_layout_matches_one_process(tmp_path, weights, reference, layout):
     nproc, overrides = layout
-    losses = losses_of_run(tmp_path, weights, nproc, overrides)
-    assert losses == pytest.approx(reference, rel=1e-5)
+    assert_matches(losses_of_run(tmp_path, weights, nproc, overrides), reference, rel=1e-5)
 
 
 def test_bf16_pipeline_computes_in_bf16(tmp_path, weights, reference):
     """bf16 on a layout without data parallelism still gets FSDP's mixed-precision policy."""
     losses = losses_of_run(tmp_path, weights, 2, ["--parallelism.pp", "2", "--training.mixed_precision", "bf16"])
-    assert losses == pytest.approx(reference, rel=5e-3)
-    assert max(abs(a - b) / b for a, b in zip(losses, reference)) > 1e-6  # not an fp32 run
+    assert_matches(losses, reference, rel=5e-3)
+    assert max(abs(a - b) / b for a, b in zip(losses, reference[1])) > 1e-6  # not an fp32 run
 
 
 BF16_WEIGHTS = ["--training.mixed_precision", "bf16_weights", "--optimizer.name", "adalomo", "--optimizer.lr", "1e-2",
@@ -100,11 +110,13 @@ def saved_dtypes(folder: Path) -> set[torch.dtype]:
 
 
 @pytest.fixture(scope="module")
-def bf16_weights_reference(tmp_path_factory, weights, reference) -> list[float]:
-    folder = tmp_path_factory.mktemp("bf16_weights")
-    losses = losses_of_run(folder, weights, 1, BF16_WEIGHTS)
-    assert saved_dtypes(folder) == {torch.bfloat16}
-    return losses
+def bf16_weights_reference(tmp_path_factory, weights) -> dict[int, list[float]]:
+    references = {}
+    for threads in THREADS:
+        folder = tmp_path_factory.mktemp(f"bf16_weights_{threads}_threads")
+        references[threads] = losses_of_run(folder, weights, 1, BF16_WEIGHTS, threads)
+        assert saved_dtypes(folder) == {torch.bfloat16}
+    return references
 
 
 @pytest.mark.parametrize("layout", [["--training.micro_batch_size", "4"], ["--parallelism.tp", "2"],
@@ -114,7 +126,7 @@ def test_bf16_weights_layout_matches_one_process(tmp_path, weights, bf16_weights
     (measured up to 1.1e-4 relative, under pp 2; fp32 weights differ by 1.7e-3)."""
     losses = losses_of_run(tmp_path, weights, 2, BF16_WEIGHTS + layout)
     assert saved_dtypes(tmp_path) == {torch.bfloat16}
-    assert losses == pytest.approx(bf16_weights_reference, rel=5e-4)
+    assert_matches(losses, bf16_weights_reference, rel=5e-4)
 
 
 def test_metrics_written_once_with_layout(tmp_path, weights):

@@ -19,13 +19,14 @@ from dtcollie.cli import run_main
 from dtcollie.train import Trainer
 
 
-def launch_jobs(folder: Path, nproc: int, jobs: list[list[str]]) -> None:
-    """Run `jobs` in one launch of `nproc` processes (plain Python for 1); fails with the stderr tail."""
+def launch_jobs(folder: Path, nproc: int, jobs: list[list[str]], threads: int = 1) -> None:
+    """Run `jobs` in one launch of `nproc` processes (plain Python for 1), each with `threads` OpenMP
+    threads (another count sums matmuls and reductions in another order); fails with the stderr tail."""
     (folder / "jobs.json").write_text(json.dumps(jobs))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     command = (launcher if nproc > 1 else [sys.executable]) + [__file__, str(folder / "jobs.json")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
     assert result.returncode == 0, result.stderr[-3000:]
 
 

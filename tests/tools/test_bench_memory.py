@@ -1,9 +1,14 @@
-"""tools/bench_memory.py run as a user would, on a tiny model: the table, the JSON, bad input."""
+"""tools/bench_memory.py run as a user would, on a tiny model: the table, the JSON, bad input; and
+the allocator meter on a known allocation."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
+
+from dtcollie.bench.memory import MemoryMeter
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--dim", "64", "--n-layers", "2", "--vocab-size", "256", "--seq-len", "32", "--steps", "1"]
@@ -27,7 +32,23 @@ def test_table_and_json_have_a_positive_peak_per_row(tmp_path):
     for row, line in zip(result["rows"], rows[1:]):
         # Both rows at least hold the weights (bf16: 2 bytes each); the table prints the same number.
         assert row["peak_bytes"] >= 2 * result["parameters"]
+        assert row["method"] == "torch's CPU allocator (profiler memory records)"
         assert float(line.split("|")[3]) == round(row["peak_bytes"] / result["parameters"], 2)
+        assert row["rss_peak_bytes"] is None or float(line.split("|")[4]) == round(
+            row["rss_peak_bytes"] / result["parameters"], 2)
+
+
+def test_allocator_meter_counts_what_lives_during_the_steps_only():
+    with MemoryMeter("allocator") as meter:
+        kept = torch.ones(2**20)  # 4 MiB, allocated before the counted part: still counted while alive
+        transient = torch.ones(2**19)  # 2 MiB, freed before the counted part: not counted
+        del transient
+        with meter.counted():
+            for _ in range(3):  # a 1 MiB temporary, three times: counted once
+                temporary = torch.ones(2**18)
+                del temporary
+    assert 5 * 2**20 <= meter.peak_bytes < 5 * 2**20 + 2**16
+    assert float(kept.sum()) == 2**20
 
 
 def test_unknown_optimizer_is_one_error_line():
