@@ -1,4 +1,7 @@
-"""Hugging Face Llama checkpoints <-> dtcollie: config.json <-> ModelArgs, weight names, safetensors I/O.
+"""Hugging Face checkpoints <-> dtcollie: config.json <-> ModelArgs, weight names, safetensors I/O.
+
+The families are those `HF_FAMILIES` lists (Llama, Qwen2/2.5, Qwen3, Mistral); the config's
+`model_type` picks one, and every key that changes the math is either mapped or refused by name.
 
 The dtcollie model uses HF's rotate-half RoPE, so conversion is a pure renaming: no q/k permutation.
 Tied models (`tie_word_embeddings`) store only the embedding on both sides: HF has no
@@ -18,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from dtcollie.checkpoint import (check_shapes, load_weights_as_stored, model_state_dict, prepare_output_folder,
                                  save_model_weights)
 from dtcollie.errors import CheckpointError, ConfigError
-from dtcollie.models.llama import ModelArgs, Transformer
+from dtcollie.models.llama import FAMILIES, ModelArgs, Transformer
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -30,10 +33,11 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 HF_OUTPUT_PATTERNS = (CONFIG_FILE, "model*.safetensors", INDEX_FILE)
 DCP_OUTPUT_PATTERNS = (".metadata", "*.distcp", MODEL_ARGS_FILE)
 
-# HF's LlamaConfig defaults for keys a config.json may leave out.
-HF_DEFAULT_ROPE_THETA = 10000.0
-HF_DEFAULT_NORM_EPS = 1e-6
-HF_DEFAULT_MAX_POSITIONS = 2048
+# model_type: (transformers config class, causal-LM architecture), one per dtcollie family.
+HF_FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+               "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM")}
+assert tuple(HF_FAMILIES) == FAMILIES
+HF_DEFAULTED_KEYS = ("head_dim", "max_position_embeddings", "rms_norm_eps", "sliding_window", "tie_word_embeddings")
 HF_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
 
@@ -42,13 +46,30 @@ LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
 # config.json <-> ModelArgs
 
 
-def args_from_hf_config(cfg: dict) -> ModelArgs:
-    """ModelArgs for an HF Llama config.json (transformers 5 `rope_parameters` or the older layout).
+def hf_config_class(model_type: str):
+    import transformers  # imported here: only conversion needs transformers
 
-    Anything the dtcollie model cannot compute (biases, other activations or RoPE types) is refused
-    by name rather than silently converted into a different model.
+    return getattr(transformers, HF_FAMILIES[model_type][0])
+
+
+def hf_defaults(model_type: str) -> dict:
+    """The family's transformers defaults for the keys a config.json may leave out (head_dim None:
+    derived from the width; Qwen3's is 128, Mistral's sliding_window 4096)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(hf_config_class(model_type))
+                if f.default is not dataclasses.MISSING}
+    return {key: defaults[key] for key in HF_DEFAULTED_KEYS if key in defaults}
+
+
+def args_from_hf_config(cfg: dict) -> ModelArgs:
+    """ModelArgs for an HF config.json of a supported family (transformers 5 `rope_parameters` or
+    the older layout). A key the file leaves out takes the family's transformers default.
+
+    Anything the dtcollie model cannot compute (other biases, activations, RoPE types, per-layer
+    sliding windows) is refused by name rather than silently converted into a different model.
     """
     _check_hf_supported(cfg)
+    family = cfg["model_type"]
+    cfg = {**hf_defaults(family), **cfg}
     missing = [key for key in HF_SHAPE_KEYS if cfg.get(key) is None]
     if missing:
         raise ConfigError(f"HF config has no {missing[0]!r}; it is needed to build the model")
@@ -58,23 +79,32 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
         raise ConfigError(f"HF config num_attention_heads={n_heads} is not a multiple of "
                           f"num_key_value_heads={n_kv_heads}")
     head_dim = int(cfg.get("head_dim") or 0)
-    max_seq_len = int(cfg.get("max_position_embeddings") or HF_DEFAULT_MAX_POSITIONS)
+    max_seq_len = int(cfg["max_position_embeddings"])
     rope_theta, rope_scaling = _rope_from_hf(cfg, max_seq_len)
     return ModelArgs(
         dim=dim, n_layers=int(cfg["num_hidden_layers"]), n_heads=n_heads, n_kv_heads=n_kv_heads,
         head_dim=0 if head_dim == dim // n_heads else head_dim,  # 0 means "derived", as in FLAVORS
         vocab_size=int(cfg["vocab_size"]), hidden_dim=int(cfg["intermediate_size"]),
-        norm_eps=float(cfg.get("rms_norm_eps", HF_DEFAULT_NORM_EPS)), rope_theta=rope_theta,
-        rope_scaling=rope_scaling, max_seq_len=max_seq_len,
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+        norm_eps=float(cfg["rms_norm_eps"]), rope_theta=rope_theta, rope_scaling=rope_scaling,
+        max_seq_len=max_seq_len, tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
+        sliding_window=int(cfg.get("sliding_window") or 0) if family == "mistral" else 0, family=family)
 
 
 def _check_hf_supported(cfg: dict) -> None:
-    if cfg.get("model_type") != "llama":
-        raise ConfigError(f"HF config model_type={cfg.get('model_type')!r} is not supported; only 'llama' is")
-    for key in ("attention_bias", "mlp_bias"):
+    family = cfg.get("model_type")
+    if family not in HF_FAMILIES:
+        raise ConfigError(f"HF config model_type={family!r} is not supported; supported: {', '.join(HF_FAMILIES)}")
+    architectures = cfg.get("architectures") or [HF_FAMILIES[family][1]]
+    if architectures != [HF_FAMILIES[family][1]]:
+        raise ConfigError(f"HF config architectures={architectures} is not supported; a {family} model must be "
+                          f"{HF_FAMILIES[family][1]}")
+    for key in ("attention_bias", "mlp_bias"):  # qwen2's fixed q/k/v biases are not a config key
         if cfg.get(key):
-            raise ConfigError(f"HF config {key}=true is not supported: the dtcollie Llama has no biases")
+            raise ConfigError(f"HF config {key}=true is not supported: dtcollie's {family} has no such biases")
+    if cfg.get("use_sliding_window"):
+        raise ConfigError(f"HF config use_sliding_window=true is not supported for {family} (a window on some "
+                          f"layers only); only mistral's all-layer sliding_window is")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"HF config hidden_act={cfg['hidden_act']!r} is not supported; only 'silu' is")
 
@@ -90,7 +120,7 @@ def _rope_from_hf(cfg: dict, max_seq_len: int) -> tuple[float, dict]:
     rope = cfg.get(key) or {}
     if not isinstance(rope, dict) or any(isinstance(value, dict) for value in rope.values()):
         raise ConfigError(f"HF config {key} must be one flat dict; per-layer RoPE is not supported")
-    theta = float(rope.get("rope_theta", cfg.get("rope_theta", HF_DEFAULT_ROPE_THETA)))
+    theta = float(rope.get("rope_theta", cfg.get("rope_theta") or 10000.0))
     partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
     if partial not in (None, 1, 1.0):
         raise ConfigError(f"HF config partial_rotary_factor={partial} is not supported; only full RoPE is")
@@ -110,22 +140,23 @@ def _rope_from_hf(cfg: dict, max_seq_len: int) -> tuple[float, dict]:
 
 
 def hf_config_from_args(args: ModelArgs, dtype: torch.dtype | None = None) -> dict:
-    """An HF LlamaConfig dict for `args`, as transformers itself would write it.
+    """The HF config dict of `args`'s family, as transformers itself would write it.
 
     bos/eos token ids are left unset: they belong to the tokenizer, which ModelArgs does not know.
     """
-    from transformers import LlamaConfig  # imported here: only conversion needs transformers
-
     if args.vocab_size <= 0:
         raise ConfigError("model vocab_size is unset; an HF config needs the real vocabulary size")
     rope = {"rope_type": "llama3" if args.rope_scaling else "default", "rope_theta": args.rope_theta,
             **args.rope_scaling}
-    config = LlamaConfig(
+    family_keys = {"qwen2": dict(use_sliding_window=False), "qwen3": dict(use_sliding_window=False),
+                   "mistral": dict(sliding_window=args.sliding_window or None)}.get(args.family, {})
+    config = hf_config_class(args.family)(
         vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
         head_dim=args.attention_head_dim, max_position_embeddings=args.max_seq_len, rms_norm_eps=args.norm_eps,
-        tie_word_embeddings=args.tie_embeddings, rope_parameters=rope, architectures=["LlamaForCausalLM"],
-        bos_token_id=None, eos_token_id=None, dtype=str(dtype).removeprefix("torch.") if dtype else None)
+        tie_word_embeddings=args.tie_embeddings, rope_parameters=rope, architectures=[HF_FAMILIES[args.family][1]],
+        bos_token_id=None, eos_token_id=None, dtype=str(dtype).removeprefix("torch.") if dtype else None,
+        **family_keys)
     return config.to_diff_dict()
 
 
@@ -175,6 +206,11 @@ LAYER_NAMES = {
     "attention.wq.weight": "self_attn.q_proj.weight",
     "attention.wk.weight": "self_attn.k_proj.weight",
     "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wq.bias": "self_attn.q_proj.bias",  # qwen2
+    "attention.wk.bias": "self_attn.k_proj.bias",
+    "attention.wv.bias": "self_attn.v_proj.bias",
+    "attention.q_norm.weight": "self_attn.q_norm.weight",  # qwen3
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
     "attention.wo.weight": "self_attn.o_proj.weight",
     "feed_forward.w1.weight": "mlp.gate_proj.weight",
     "feed_forward.w2.weight": "mlp.down_proj.weight",
@@ -194,17 +230,17 @@ IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def to_hf_name(name: str) -> str:
-    """dtcollie parameter name -> HF LlamaForCausalLM name."""
+    """dtcollie parameter name -> HF name (the same in every supported family)."""
     if name in TOP_NAMES:
         return TOP_NAMES[name]
     match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
     if match and match.group(2) in LAYER_NAMES:
         return f"model.layers.{match.group(1)}.{LAYER_NAMES[match.group(2)]}"
-    raise CheckpointError(f"parameter {name!r} has no HF Llama name")
+    raise CheckpointError(f"parameter {name!r} has no HF name")
 
 
 def from_hf_name(name: str) -> str:
-    """HF LlamaForCausalLM name -> dtcollie name; unknown names are returned unchanged (and so reported as
+    """HF name -> dtcollie name; unknown names are returned unchanged (and so reported as
     unexpected by the shape check) rather than raising here, so the error can list all of them."""
     if name in HF_TOP_NAMES:
         return HF_TOP_NAMES[name]

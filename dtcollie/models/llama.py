@@ -1,4 +1,13 @@
-"""Llama 2 / 3 decoder in plain PyTorch: the math only, no parallelism.
+"""The decoder of the Llama family in plain PyTorch: the math only, no parallelism.
+
+One decoder serves every supported family; each family's difference is one option of ModelArgs,
+visible where it acts (as in Hugging Face's "modular" model files, which build Qwen2, Qwen3 and
+Mistral from Llama's blocks):
+
+- llama (2, 3, 3.1, 3.2): the base; Llama 3.1 RoPE scaling; 3.2's small sizes tie the embeddings.
+- qwen2 (Qwen2, Qwen2.5): `qkv_bias`, a bias on the q, k and v projections.
+- qwen3 (dense): `qk_norm`, an RMSNorm over each head of q and k before RoPE; an explicit head_dim.
+- mistral: `sliding_window`, each position attends to the last `sliding_window` positions only.
 
 Parameter names follow Meta's checkpoints (`tok_embeddings`, `layers.N.attention.wq`, ...). Layers
 live in an `nn.ModuleDict` keyed by `str(i)`, and the embedding, final norm and output projection may
@@ -40,6 +49,10 @@ class ModelArgs:
     rope_scaling: dict = field(default_factory=dict)
     max_seq_len: int = 4096
     tie_embeddings: bool = False
+    qkv_bias: bool = False  # qwen2: biases on the q, k and v projections
+    qk_norm: bool = False  # qwen3: RMSNorm (weight [head_dim]) on each head of q and k, before RoPE
+    sliding_window: int = 0  # mistral: attend to the last this many positions (itself included); 0: all
+    family: str = "llama"  # the HF architecture the weights convert to: see FAMILIES
     attention: str = "sdpa"  # "sdpa" or "flash"
 
     @property
@@ -47,8 +60,10 @@ class ModelArgs:
         return self.head_dim or self.dim // self.n_heads
 
 
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 LLAMA3_ROPE_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                        "original_max_position_embeddings": 8192}
+LLAMA3_2_ROPE_SCALING = {**LLAMA3_ROPE_SCALING, "factor": 32.0}
 
 FLAVORS = {
     # Tiny: a training step in well under a second on one CPU core; 8 layers so pipeline tests can
@@ -65,6 +80,29 @@ FLAVORS = {
     "llama3_70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256,
                             hidden_dim=28672, rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE_SCALING),
                             max_seq_len=8192),
+    # Llama 3.2: small, tied embeddings, RoPE scaled by 32.
+    "llama3_2_1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=8192,
+                             rope_theta=500000.0, rope_scaling=dict(LLAMA3_2_ROPE_SCALING), max_seq_len=131072,
+                             tie_embeddings=True),
+    "llama3_2_3b": ModelArgs(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256, hidden_dim=8192,
+                             rope_theta=500000.0, rope_scaling=dict(LLAMA3_2_ROPE_SCALING), max_seq_len=131072,
+                             tie_embeddings=True),
+    "qwen2_5_0_5b": ModelArgs(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, vocab_size=151936, hidden_dim=4864,
+                              norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=32768, tie_embeddings=True,
+                              qkv_bias=True, family="qwen2"),
+    "qwen2_5_7b": ModelArgs(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, vocab_size=152064, hidden_dim=18944,
+                            norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=131072, qkv_bias=True, family="qwen2"),
+    "qwen3_0_6b": ModelArgs(dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128, vocab_size=151936,
+                            hidden_dim=3072, norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=40960,
+                            tie_embeddings=True, qk_norm=True, family="qwen3"),
+    "qwen3_8b": ModelArgs(dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, vocab_size=151936,
+                          hidden_dim=12288, norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=40960, qk_norm=True,
+                          family="qwen3"),
+    # Mistral 7B v0.1 attends through a 4096-position window; v0.2 and v0.3 attend to everything.
+    "mistral_7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=32000, hidden_dim=14336,
+                            max_seq_len=32768, sliding_window=4096, family="mistral"),
+    "mistral_7b_v0_3": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=32768,
+                                 hidden_dim=14336, rope_theta=1000000.0, max_seq_len=32768, family="mistral"),
 }
 
 
@@ -106,15 +144,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def sliding_window_mask(seq: int, window: int, device) -> torch.Tensor:
+    """[seq, seq] boolean: query i sees key j when 0 <= i - j < window (causal, last `window` positions)."""
+    offset = torch.arange(seq, device=device)[:, None] - torch.arange(seq, device=device)[None, :]
+    return (offset >= 0) & (offset < window)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.head_dim = args.attention_head_dim
         self.use_flash = args.attention == "flash"
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.sliding_window = args.sliding_window
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=args.norm_eps) if args.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=args.norm_eps) if args.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -122,12 +169,18 @@ class Attention(nn.Module):
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos[:seq], sin[:seq]), apply_rope(k, cos[:seq], sin[:seq])
+        windowed = 0 < self.sliding_window < seq  # a window as long as the sequence is plain causal
         if self.use_flash:
-            out = flash_attn_func(q, k, v, causal=True)
+            window = (self.sliding_window - 1, 0) if windowed else (-1, -1)
+            out = flash_attn_func(q, k, v, causal=True, window_size=window)
         else:
+            mask = sliding_window_mask(seq, self.sliding_window, x.device) if windowed else None
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True, enable_gqa=True).transpose(1, 2)
+                                                 attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=True).transpose(1, 2)
         return self.wo(out.reshape(batch, seq, -1))
 
 
@@ -196,8 +249,11 @@ class Transformer(nn.Module):
                                  ("w2", block.feed_forward.w2), ("w3", block.feed_forward.w3)):
                 nn.init.trunc_normal_(linear.weight, std=depth_std if name in ("wo", "w2") else std,
                                       a=-3 * std, b=3 * std)
-            block.attention_norm.reset_parameters()
-            block.ffn_norm.reset_parameters()
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
+            for norm in (block.attention_norm, block.ffn_norm, block.attention.q_norm, block.attention.k_norm):
+                if norm is not None:
+                    norm.reset_parameters()
         if self.norm is not None:
             self.norm.reset_parameters()
         if self.output is not None and not self.args.tie_embeddings:

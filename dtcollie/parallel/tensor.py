@@ -1,9 +1,14 @@
-"""The Llama tensor-parallel plan: Megatron-style column/row splits, optional sequence parallel.
+"""The tensor-parallel plan of the decoder (every family): Megatron-style column/row splits,
+optional sequence parallel.
 
 q/k/v and w1/w3 are split by output features (each rank computes a slice of the heads / hidden
-units), wo and w2 by input features (partial sums reduced afterwards). With sequence parallel the
-residual stream between blocks is sharded on the sequence dim (Shard(1)), so norms run on a slice
-of the tokens and the reductions after wo/w2 are reduce-scatters instead of all-reduces.
+units; a q/k/v bias is split with its weight), wo and w2 by input features (partial sums reduced
+afterwards). Qwen3's q/k norms run on each rank's own heads (Shard on the heads dim), their
+replicated weights' gradients summed over the tp group. With sequence parallel the residual
+stream between blocks is sharded on the sequence dim (Shard(1)), so norms run on a slice of the
+tokens and the reductions after wo/w2 are reduce-scatters instead of all-reduces. Tied embeddings
+are one DTensor: the embedding (row-parallel on nn.Embedding) and the output projection
+(column-parallel) both shard the [vocab, dim] matrix on the vocabulary, Shard(0).
 The projection styles also accept LoRA adapters (`dtcollie.peft.tensor_parallel`), so the same plan
 parallelises a model with or without them.
 """
@@ -30,8 +35,6 @@ def check_tensor_parallel(args: ModelArgs, tp: int, seq_len: int, sequence_paral
     if sequence_parallel and seq_len % tp:
         raise ConfigError(f"parallelism.sequence_parallel needs training.seq_len ({seq_len}) divisible by "
                           f"parallelism.tp ({tp})")
-    if args.tie_embeddings:
-        raise ConfigError("tied input/output embeddings are not supported with parallelism.tp > 1")
 
 
 def _replicate_norm(norm: nn.Module, tp_mesh: DeviceMesh) -> None:
@@ -45,7 +48,7 @@ def _replicate_norm(norm: nn.Module, tp_mesh: DeviceMesh) -> None:
         output_fn=lambda module, output, mesh: output.to_local())
 
 
-def block_plan(sequence_parallel: bool) -> dict:
+def block_plan(sequence_parallel: bool, qk_norm: bool) -> dict:
     activations = Shard(1) if sequence_parallel else Replicate()
     plan = {
         "attention.wq": LoRAColwiseParallel(),
@@ -56,6 +59,10 @@ def block_plan(sequence_parallel: bool) -> dict:
         "feed_forward.w3": LoRAColwiseParallel(),
         "feed_forward.w2": LoRARowwiseParallel(output_layouts=activations),
     }
+    if qk_norm:
+        # q and k arrive as local [batch, seq, local heads, head_dim]: Shard(2) on the heads.
+        plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
     if sequence_parallel:
         # Gather the sequence-sharded residual stream before the column-parallel projections.
         plan["attention_norm"] = SequenceParallel()
@@ -84,12 +91,14 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
                                             use_local_output=not loss_parallel)
     parallelize_module(model, tp_mesh, top)
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, block_plan(sequence_parallel))
+        parallelize_module(block, tp_mesh, block_plan(sequence_parallel, block.attention.q_norm is not None))
         if not sequence_parallel:
             _replicate_norm(block.attention_norm, tp_mesh)
             _replicate_norm(block.ffn_norm, tp_mesh)
     if model.norm is not None and not sequence_parallel:
         _replicate_norm(model.norm, tp_mesh)
+    if model.args.tie_embeddings and model.output is not None and model.tok_embeddings is not None:
+        model.output.weight = model.tok_embeddings.weight  # one Shard(0) DTensor; the style made a second Parameter
     # torch's SequenceParallel re-creates the norm weights as trainable Parameters; keep frozen
     # ones (under LoRA, every weight but the adapters) frozen.
     for name in frozen:

@@ -66,17 +66,21 @@ def check_lora_config(config: LoRAConfig) -> None:
 
 
 class LoRALinear(nn.Module):
-    """A bias-free linear layer plus a trainable low-rank update:
-    y = x W^T + scale * dropout(x) A^T B^T, with W frozen, A [rank, in] and B [out, rank]."""
+    """A linear layer plus a trainable low-rank update:
+    y = x W^T + b + scale * dropout(x) A^T B^T, with W and the optional bias b frozen (the base's
+    own), A [rank, in] and B [out, rank]."""
 
     def __init__(self, weight: nn.Parameter, rank: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False):
+                 use_rslora: bool = False, bias: nn.Parameter | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.rank, self.alpha, self.dropout, self.use_rslora = rank, alpha, dropout, use_rslora
         self.scale = lora_scale(rank, alpha, use_rslora)
         self.weight = weight
         self.weight.requires_grad_(False)
+        self.register_parameter("bias", bias)
+        if bias is not None:
+            bias.requires_grad_(False)
         self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=weight.device, dtype=weight.dtype))
         self.lora_b = nn.Parameter(torch.empty(self.out_features, rank, device=weight.device, dtype=weight.dtype))
         # No random op at all without dropout (DTensor random ops have partial CPU support).
@@ -104,7 +108,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_a), self.lora_b)
-        return F.linear(x, self.weight) + self.scale * update
+        return F.linear(x, self.weight, self.bias) + self.scale * update
 
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
@@ -115,7 +119,7 @@ class LoRALinear(nn.Module):
         keeps computing in the same layout."""
         self.weight.add_(self.scale * (self.lora_b @ self.lora_a))
         linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
-        linear.weight = self.weight
+        linear.weight, linear.bias = self.weight, self.bias
         # distribute_module registered the layout hooks on this module; nn.Module has no public
         # way to move hooks, so the dicts are shared with the replacement.
         linear._forward_pre_hooks.update(self._forward_pre_hooks)
@@ -155,7 +159,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, target_modules: list[s
     model.requires_grad_(False)
     for parent, attribute in parents:
         base = getattr(parent, attribute)
-        setattr(parent, attribute, LoRALinear(base.weight, rank, alpha, dropout, use_rslora))
+        setattr(parent, attribute, LoRALinear(base.weight, rank, alpha, dropout, use_rslora, base.bias))
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:

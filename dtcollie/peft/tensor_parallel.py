@@ -44,19 +44,22 @@ class _LoRAStyle:
             return
         for param_name, placement in self.lora_placements.items():
             param = getattr(module, param_name)
+            if param is None:  # no bias
+                continue
             tensor = distribute_tensor(param, device_mesh, [placement], src_data_rank=self.src_data_rank)
             module.register_parameter(param_name, nn.Parameter(tensor, requires_grad=param.requires_grad))
 
 
 class LoRAColwiseParallel(_LoRAStyle, ColwiseParallel):
-    """ColwiseParallel; on a LoRALinear: weight Shard(0), lora_a Replicate, lora_b Shard(0)."""
+    """ColwiseParallel; on a LoRALinear: weight and bias Shard(0), lora_a Replicate, lora_b Shard(0)."""
 
-    lora_placements = {"weight": Shard(0), "lora_a": Replicate(), "lora_b": Shard(0)}
+    lora_placements = {"weight": Shard(0), "bias": Shard(0), "lora_a": Replicate(), "lora_b": Shard(0)}
     lora_input_layouts = (Replicate(),)
 
 
 class LoRARowwiseParallel(_LoRAStyle, RowwiseParallel):
-    """RowwiseParallel; on a LoRALinear: weight Shard(1), lora_a Shard(1), lora_b Replicate."""
+    """RowwiseParallel; on a LoRALinear: weight Shard(1), bias Replicate (added once, after the
+    reduction), lora_a Shard(1), lora_b Replicate."""
 
-    lora_placements = {"weight": Shard(1), "lora_a": Shard(1), "lora_b": Replicate()}
+    lora_placements = {"weight": Shard(1), "bias": Replicate(), "lora_a": Shard(1), "lora_b": Replicate()}
     lora_input_layouts = (Shard(-1),)

@@ -131,7 +131,7 @@ def test_old_layout_defaults_follow_transformers():
     assert args_from_hf_config(base).rope_scaling["original_max_position_embeddings"] == 64
 
 
-@pytest.mark.parametrize("key, value", [("model_type", "mistral"), ("attention_bias", True), ("mlp_bias", True),
+@pytest.mark.parametrize("key, value", [("model_type", "gpt2"), ("model_type", "qwen3_moe"), ("attention_bias", True), ("mlp_bias", True),
                                         ("hidden_act", "gelu"), ("rope_type", "linear"), ("rope_type", "yarn"),
                                         ("partial_rotary_factor", 0.5)])
 def test_unsupported_config_is_refused(key, value):
@@ -185,7 +185,7 @@ def test_bad_hf_folders(tmp_path):
     extra = dict(weights, **{"model.layers.0.self_attn.q_proj.bias": torch.zeros(32)})
     del extra["model.norm.weight"]
     save_file(extra, folder / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"missing: norm\.weight.*unexpected: model\.layers\.0\.self_attn"):
+    with pytest.raises(CheckpointError, match=r"missing: norm\.weight.*unexpected: layers\.0\.attention\.wq\.bias"):
         from_hf(folder)
 
     save_file(weights, folder / "model.safetensors")
