@@ -41,16 +41,25 @@ SAFE_METADATA_GLOBALS = {
 
 
 def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state_dict with a tied output projection left out (it is the embedding).
-
-    A pipeline stage that holds the output but not the embedding keeps `output.weight`: there it is
-    the only copy.
-    """
+    """The model's state_dict under stored names: a tied output projection is the embedding, so it
+    is left out, or, on a pipeline stage holding the output but not the embedding, stored as the
+    `tok_embeddings.weight` it is a copy of (dtcollie.parallel.tied); see `stored_name`."""
     state_dict = model.state_dict()
-    args = getattr(model, "args", None)
-    if getattr(args, "tie_embeddings", False) and "tok_embeddings.weight" in state_dict:
+    if "tok_embeddings.weight" in state_dict and is_tied(model):
         state_dict.pop("output.weight", None)
-    return state_dict
+    return {stored_name(model, name): tensor for name, tensor in state_dict.items()}
+
+
+def is_tied(model: nn.Module) -> bool:
+    return getattr(getattr(model, "args", None), "tie_embeddings", False)
+
+
+def stored_name(model: nn.Module, name: str) -> str:
+    """The checkpoint key of `model`'s parameter `name`: its own, but the embedding's for the output
+    copy of a tied model on a pipeline stage without the embedding."""
+    if name.startswith("output.weight") and is_tied(model) and model.tok_embeddings is None:
+        return "tok_embeddings.weight" + name.removeprefix("output.weight")
+    return name
 
 
 def check_shapes(found: dict[str, tuple | None], expected: dict[str, tuple], source: str,

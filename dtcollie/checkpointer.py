@@ -33,7 +33,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
 from dtcollie.checkpoint import (SafeFileSystemReader, check_shapes, checkpoint_shapes, model_state_dict,
-                                 read_checkpoint_metadata, single_process_dcp)
+                                 read_checkpoint_metadata, single_process_dcp, stored_name)
 from dtcollie.config import Checkpoint as CheckpointConfig
 
 log = logging.getLogger("dtcollie")
@@ -59,18 +59,19 @@ def trainable_state(parts: list) -> dict[str, torch.Tensor]:
     """The weights a checkpoint stores: every trainable parameter of this rank's model parts."""
     state = {}
     for part in parts:
-        trainable = {name for name, p in part.named_parameters() if p.requires_grad}
+        trainable = {stored_name(part, name) for name, p in part.named_parameters() if p.requires_grad}
         state.update({name: t for name, t in model_state_dict(part).items() if name in trainable})
     return state
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, parts: list) -> dict[str, torch.Tensor]:
-    """Each parameter's optimizer state under `<parameter name>.<state name>`."""
+    """Each parameter's optimizer state under `<parameter name>.<state name>` (its stored name: a
+    tied output copy's state is the embedding's, which it equals)."""
     state = {}
     for part in parts:
         for name, param in part.named_parameters():
             for key, value in optimizer.state.get(param, {}).items():
-                state[f"{name}.{key}"] = value
+                state[f"{stored_name(part, name)}.{key}"] = value
     scaler = getattr(optimizer, "scaler", None)
     if scaler is not None:
         state["loss_scaler.scale"] = torch.tensor(scaler.scale, dtype=torch.float64)

@@ -38,6 +38,7 @@ from dtcollie.parallel.build import check_layout, lora_settings, materialize, pa
 from dtcollie.parallel.mesh import ParallelDims
 from dtcollie.parallel.pipeline import build_schedule
 from dtcollie.parallel.reduce import clip_global_grad_norm, sum_over
+from dtcollie.parallel.tied import TiedPipelineEmbedding
 
 logger = logging.getLogger("dtcollie")
 
@@ -133,6 +134,9 @@ class Trainer:
         self.pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
         # The step loss lives on the last pipeline stage and is split over data-parallel ranks.
         self.loss_groups = self.dp_groups + ([self.pp_group] if self.pp_group is not None else [])
+        self.tied = TiedPipelineEmbedding.of(self.model.parts, self.model_args.tie_embeddings, self.pp_group)
+        if self.tied is not None:
+            self.tied.copy_embedding_to_output()
         self.schedule = self.build_schedule() if self.dims.pp > 1 else None
         self.optimizer = build_optimizer(cfg.optimizer, self.model.parts, training.max_norm, self.pp_group)
         self.fused = cfg.optimizer.name in FUSED_OPTIMIZERS
@@ -238,8 +242,12 @@ class Trainer:
             norm = self.optimizer.last_grad_norm  # measured by the two-pass clipping, if any
             grad_norm = torch.tensor(math.nan) if norm is None else norm
         else:
-            grad_norm = clip_global_grad_norm(self.model.parameters(), self.cfg.training.max_norm, self.device,
-                                              self.pp_group)
+            parameters = self.model.parameters()
+            if self.tied is not None:
+                self.tied.sum_gradients()
+            counted = self.tied.counted_parameters(parameters) if self.tied is not None else None
+            grad_norm = clip_global_grad_norm(parameters, self.cfg.training.max_norm, self.device, self.pp_group,
+                                              counted)
             self.optimizer_step(micro_batches, tokens)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -267,6 +275,8 @@ class Trainer:
                 self.run_micro_batch(batch, backward=True)
         finally:
             self.sampling_key = None
+        if self.tied is not None:
+            self.tied.sum_gradients()
         self.optimizer.update_hessian()
 
     @torch.no_grad()

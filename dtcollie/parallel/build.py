@@ -94,6 +94,9 @@ def check_layout(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, device: to
     if dims.pp > 1:
         check_pipeline_config(cfg.parallelism, args, training.micro_batch_size)
     name = cfg.optimizer.name
+    if args.tie_embeddings and dims.pp > 1 and name in FUSED_OPTIMIZERS and lora is None:
+        raise ConfigError(f"optimizer.name = {name!r} updates inside backward, before the tied embedding's two "
+                          f"pipeline copies can sum their gradients; use another optimizer or pp = 1")
     if training.mixed_precision == "bf16_weights" and (name not in FUSED_OPTIMIZERS or lora is not None):
         raise ConfigError(f"training.mixed_precision = 'bf16_weights' keeps no fp32 master weights, which only "
                           f"optimizer.name = 'lomo' or 'adalomo' on a full model can train (got {name!r}"

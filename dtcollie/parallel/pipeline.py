@@ -168,9 +168,9 @@ def check_pipeline_config(parallelism_cfg, model_args: ModelArgs, micro_batch_si
         raise ConfigError(f"parallelism.pp {pp} x pp_stages_per_rank {per_rank} = {num_stages} pipeline stages but "
                           f"the model has {model_args.n_layers} layers; lower pp or pp_stages_per_rank")
     stage_layer_ids(model_args, num_stages, cfg.pp_partition)
-    if model_args.tie_embeddings:
-        raise ConfigError("model tie_embeddings = true is not supported with parallelism.pp > 1 (the embedding and "
-                          "the output projection live on different stages); use untied embeddings or pp = 1")
+    if model_args.tie_embeddings and schedule in V_SCHEDULES:
+        raise ConfigError(f"tied embeddings with parallelism.pp_schedule = {schedule!r} are not supported (its V "
+                          f"places the first and last stage on one rank); use 1F1B or Interleaved1F1B")
     check_microbatches(cfg, micro_batch_size)
 
 

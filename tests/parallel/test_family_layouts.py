@@ -8,13 +8,14 @@ another): 5 fp32 steps under dp_shard 2, tp 2, pp 2 and dp_shard 2 x tp 2 x pp 2
 loss within 1e-5 relative of the single-process run's, which runs with 1 and with 2 OpenMP threads.
 """
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from train_jobs import launch_jobs
 
-from dtcollie.checkpoint import save_model_weights
+from dtcollie.checkpoint import read_checkpoint_metadata, save_model_weights
 from dtcollie.metrics import read_losses
 from dtcollie.models.hf import save_model_args
 from dtcollie.models.llama import ModelArgs, Transformer
@@ -86,3 +87,19 @@ def test_every_family_matches_one_process(tmp_path, inits, references, layout):
         for threads, reference in references.items():
             assert read_losses(tmp_path / family) == pytest.approx(read_losses(reference / family), rel=1e-5), \
                 f"{family}, the reference with {threads} OpenMP threads"
+
+
+def test_tied_pipeline_checkpoint_is_one_weight_and_resumes_on_one_process(tmp_path, inits, references):
+    """A tied model trained under pp 2 saves the embedding once (no output.weight, optimizer state
+    included), and its step-3 checkpoint resumes on one process into the reference's steps 4 and 5."""
+    tied = {"llama_tied": inits["llama_tied"]}
+    launch_jobs(tmp_path, 2, jobs(tmp_path / "pp2", tied, ["--parallelism.pp", "2", "--checkpoint.interval", "3"]))
+    checkpoint = tmp_path / "pp2" / "llama_tied" / "checkpoints" / "step-3"
+    keys = set(read_checkpoint_metadata(checkpoint).state_dict_metadata)
+    assert "model.tok_embeddings.weight" in keys and "optimizer.tok_embeddings.weight.exp_avg" in keys
+    assert not any("output.weight" in key for key in keys)
+    resumed = tmp_path / "one" / "llama_tied"
+    shutil.copytree(checkpoint, resumed / "checkpoints" / "step-3")
+    launch_jobs(tmp_path / "one", 1, jobs(tmp_path / "one", tied, ["--checkpoint.interval", "3"]))
+    expected = read_losses(references[1] / "llama_tied")
+    assert read_losses(resumed) == pytest.approx({step: expected[step] for step in (4, 5)}, rel=1e-5)

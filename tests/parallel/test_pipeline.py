@@ -166,9 +166,11 @@ def test_pipeline_config_errors(values, n_layers, micro_batch_size, message):
     assert "\n" not in str(error.value)
 
 
-def test_tied_embeddings_are_refused_across_stages():
-    with pytest.raises(ConfigError, match="tie_embeddings"):
-        check_pipeline_config(parallelism(), args_with(tie_embeddings=True), 4)
+def test_tied_embeddings_across_stages_need_a_looped_schedule():
+    check_pipeline_config(parallelism(), args_with(tie_embeddings=True), 4)  # 1F1B: first and last stage apart
+    with pytest.raises(ConfigError, match="tied embeddings with parallelism.pp_schedule = 'ZBVZeroBubble'"):
+        check_pipeline_config(parallelism(pp_schedule="ZBVZeroBubble", pp_stages_per_rank=2),
+                              args_with(tie_embeddings=True), 4)
 
 
 # ---------------------------------------------------------------------------------------------
