@@ -9,23 +9,27 @@ ALL_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"]
 VOCAB = 128
 
 
-def tiny_args() -> ModelArgs:
-    """dim 64, 2 layers, GQA; every size divisible by 2 so tp = 2 splits it."""
-    return ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, hidden_dim=96, max_seq_len=32)
+def tiny_args(**family_options) -> ModelArgs:
+    """dim 64, 2 layers, GQA; every size divisible by 2 so tp = 2 splits it. `family_options`: the
+    ModelArgs options of a family (qkv_bias, qk_norm, sliding_window, tie_embeddings, family)."""
+    return ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, hidden_dim=96, max_seq_len=32,
+                     **family_options)
 
 
 def lora_model(targets=ALL_TARGETS, rank: int = 4, alpha: float = 8.0, use_rslora: bool = False,
-               dropout: float = 0.0, seed: int = 0) -> Transformer:
+               dropout: float = 0.0, seed: int = 0, **family_options) -> Transformer:
     """A randomly initialised tiny model with random, non-zero adapters (B is zero only at init,
-    which would make every adapter test pass trivially)."""
+    which would make every adapter test pass trivially), and random biases (zero at init)."""
     torch.manual_seed(seed)
-    model = Transformer(tiny_args())
+    model = Transformer(tiny_args(**family_options))
     model.init_weights()
     apply_lora(model, rank, alpha, targets, dropout=dropout, use_rslora=use_rslora)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.normal_(std=0.1)
+            elif name.endswith("bias"):
+                param.normal_(std=0.5)
     return model
 
 

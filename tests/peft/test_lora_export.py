@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from dtcollie.checkpoint import model_state_dict, save_model_weights
 from dtcollie.errors import CheckpointError, ConfigError
@@ -33,14 +33,14 @@ def save_base_hf(model, folder: Path) -> Path:
 
 
 def peft_logits(base_folder: Path, adapter_folder: Path, tokens) -> torch.Tensor:
-    base = LlamaForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, adapter_folder)
     with torch.no_grad():
         return model.eval()(input_ids=tokens).logits
 
 
 def hf_logits(folder: Path, tokens) -> torch.Tensor:
-    model, info = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
         return model.eval()(tokens).logits
@@ -72,6 +72,32 @@ def test_peft_loads_our_adapter_and_gives_our_logits(tmp_path, targets, use_rslo
     theirs = peft_logits(save_base_hf(model, tmp_path / "base"), tmp_path / "adapter", tokens)
     assert (ours - theirs).abs().max() <= TOLERANCE
 
+    merge_lora(model)
+    save_hf(model_state_dict(model), model.args, tmp_path / "merged")
+    assert (ours - hf_logits(tmp_path / "merged", tokens)).abs().max() <= TOLERANCE
+
+
+FAMILIES = {  # name: ModelArgs options
+    "qwen2": dict(qkv_bias=True, family="qwen2"),
+    "qwen3": dict(qk_norm=True, head_dim=24, family="qwen3"),
+    "mistral_window": dict(sliding_window=5, family="mistral"),
+    "llama_tied": dict(tie_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_exports_an_adapter_peft_applies(tmp_path, family):
+    """The family's HF base plus our PEFT adapter, through transformers and peft, give our logits;
+    so does the merged export (the biases stay in the base)."""
+    targets = [t for t in ALL_TARGETS if not (t == "output" and family == "llama_tied")]
+    model = lora_model(targets, **FAMILIES[family])
+    tokens = random_tokens()
+    ours = our_logits(model, tokens)
+    assert (ours - base_logits(model, tokens)).abs().max() > 100 * TOLERANCE
+    save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=f"tiny-{family}")
+    base = save_base_hf(model, tmp_path / "base")
+    assert json.loads((base / "config.json").read_text())["model_type"] == model.args.family
+    assert (ours - peft_logits(base, tmp_path / "adapter", tokens)).abs().max() <= TOLERANCE
     merge_lora(model)
     save_hf(model_state_dict(model), model.args, tmp_path / "merged")
     assert (ours - hf_logits(tmp_path / "merged", tokens)).abs().max() <= TOLERANCE
