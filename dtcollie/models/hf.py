@@ -424,6 +424,26 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
+def save_random_hf_model(folder: str | Path, config, seed: int = 0) -> ModelArgs:
+    """A randomly initialised HF model of a transformers `config` (one of the supported families),
+    written by transformers itself, with random norms and biases too: a stand-in for a downloaded
+    folder where no model hub can be reached. Returns the ModelArgs dtcollie reads from it."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.5)
+    folder = Path(folder)
+    prepare_output_folder(folder, False, HF_OUTPUT_PATTERNS)
+    model.save_pretrained(folder)
+    return read_hf_args(folder)
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole-folder conversions (the tools are thin wrappers over these)
 

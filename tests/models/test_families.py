@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralC
 from dtcollie.checkpoint import load_weights_as_stored
 from dtcollie.errors import ConfigError
 from dtcollie.models.hf import (args_from_hf_config, convert_dcp_to_hf, convert_hf_to_dcp, expected_shapes, from_hf,
-                                hf_config_from_args)
+                                hf_config_from_args, save_random_hf_model)
 from dtcollie.models.llama import FLAVORS, Transformer, count_parameters
 
 VOCAB = 96
@@ -32,15 +32,7 @@ CONFIGS = {  # name: (config, dtcollie options the conversion must set)
 
 def save_hf_model(folder: Path, config) -> Path:
     """A random HF model whose norms and biases are random too (a swapped or dropped one shows)."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                param.normal_(0.0, 0.5)
-    model.save_pretrained(folder)
+    save_random_hf_model(folder, config)
     return folder
 
 

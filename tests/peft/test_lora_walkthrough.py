@@ -31,24 +31,45 @@ def test_lora_walkthrough(tmp_path):
     step = tmp_path / "lora/checkpoints/step-3"
     run("tools/export_lora.py", "--checkpoint", str(step), "--out", str(tmp_path / "adapter"), "--merge-into",
         str(tmp_path / "merged"), "--base", str(tmp_path / "base_dcp"))
+    assert_peft_gives_our_logits(step, tmp_path / "base_dcp", tmp_path / "hf_base", tmp_path / "adapter",
+                                 tmp_path / "merged")
 
-    # The trained dtcollie model: base weights plus the checkpoint's adapters (all it stores).
+
+def test_qwen2_lora_walkthrough_under_tensor_parallel(tmp_path):
+    """The README's Qwen2.5 walk-through: an HF Qwen2 folder -> DCP -> LoRA under tp 2 (torchrun) ->
+    export_lora -> `peft` on transformers' Qwen2ForCausalLM gives the trained model's logits."""
+    run("tools/make_tiny_hf_model.py", "--family", "qwen2", "--out", str(tmp_path / "hf_base"))
+    run("tools/convert_hf_to_dcp.py", "--hf", str(tmp_path / "hf_base"), "--out", str(tmp_path / "base_dcp"))
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dtcollie.train", "--config",
+        "train_configs/debug_qwen2_lora.toml", "--model.args_path", str(tmp_path / "base_dcp/model_args.json"),
+        "--checkpoint.initial_load_path", str(tmp_path / "base_dcp"), "--job.dump_folder", str(tmp_path / "lora"),
+        "--training.steps", "3", "--checkpoint.interval", "3", "--training.eval_interval", "0")
+    step = tmp_path / "lora/checkpoints/step-3"
+    run("tools/export_lora.py", "--checkpoint", str(step), "--out", str(tmp_path / "adapter"), "--merge-into",
+        str(tmp_path / "merged"), "--base", str(tmp_path / "base_dcp"))
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")).__name__ == "Qwen2ForCausalLM"
+    assert_peft_gives_our_logits(step, tmp_path / "base_dcp", tmp_path / "hf_base", tmp_path / "adapter",
+                                 tmp_path / "merged")
+
+
+def assert_peft_gives_our_logits(step, base_dcp, hf_base, adapter, merged) -> None:
+    """The trained dtcollie model (base weights plus the checkpoint's adapters, all it stores) and
+    transformers + peft on the exported adapter, and the merged export, give the same logits."""
     adapters = load_weights_as_stored(step)
     assert adapters and all("lora_" in name for name in adapters)
     assert all(t.abs().max() > 0 for name, t in adapters.items() if name.endswith("lora_b"))  # B left zero
     model = Transformer(load_model_args(step))
     config = load_lora_config(step)
     apply_lora(model, config.rank, config.alpha, config.target_modules)
-    missing, unexpected = model.load_state_dict({**load_weights_as_stored(tmp_path / "base_dcp"), **adapters},
-                                                strict=False)
+    missing, unexpected = model.load_state_dict({**load_weights_as_stored(base_dcp), **adapters}, strict=False)
     assert not unexpected and not missing
     tokens = torch.randint(0, 2048, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model(tokens)
-        base = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_base", dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
         plain = base(input_ids=tokens).logits
-        with_adapter = PeftModel.from_pretrained(base, tmp_path / "adapter")(input_ids=tokens).logits
-        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)(input_ids=tokens).logits
+        with_adapter = PeftModel.from_pretrained(base, adapter)(input_ids=tokens).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(input_ids=tokens).logits
     assert (ours - plain).abs().max() > 1e-2  # the adapters matter
     torch.testing.assert_close(with_adapter, ours, rtol=0, atol=1e-4)
-    torch.testing.assert_close(merged, ours, rtol=0, atol=1e-4)
+    torch.testing.assert_close(merged_logits, ours, rtol=0, atol=1e-4)
