@@ -155,8 +155,10 @@ def plan_rank(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, rank: int) ->
     params = model.parameters()
     sizes = [local_tensor(p).numel() * local_tensor(p).element_size() for p in params]
     param_bytes = sum(sizes)
-    grad_bytes = max(sizes) if cfg.optimizer.name in FUSED else param_bytes
-    state_bytes = STATE_COPIES[cfg.optimizer.name] * param_bytes
+    # Gradients and optimizer state exist for trainable parameters only (under LoRA, the adapters).
+    trainable = [size for p, size in zip(params, sizes) if p.requires_grad]
+    grad_bytes = max(trainable, default=0) if cfg.optimizer.name in FUSED else sum(trainable)
+    state_bytes = STATE_COPIES[cfg.optimizer.name] * sum(trainable)
     gathered = gathered_bytes(cfg, model)
     return {
         "rank": rank,

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 LLAMA2_7B_PARAMS = 6_738_415_616  # the published count
 NORM_PARAMS_7B = 65 * 4096  # 2 norms in each of 32 blocks + the final norm, dim 4096
@@ -98,3 +100,15 @@ def test_lomo_plan_has_no_state_and_one_gradient():
     assert state_gib == 0.0
     assert 0 < grads_gib < params_gib / 30  # the largest single gradient, not all of them
     assert total_gib < params_gib + 1.0
+
+
+def test_lora_plan_counts_gradients_and_state_of_the_adapters_only():
+    """llama3_2_1b_lora (tp 2, tied embeddings): the whole fp32 base per tp shard, but gradients and
+    AdamW state only for the rank-16 adapters, a small fraction of it."""
+    done = run_plan("--config", "train_configs/llama3_2_1b_lora.toml", "--world-size", "2")
+    assert done.returncode == 0, done.stderr
+    (row,) = table(done.stdout)
+    params, grads, state = (float(row[key]) for key in ("params GiB", "grads GiB", "state GiB"))
+    base_shard = 1_235_814_400 / 2 * 4 / GIB  # the published count, fp32, halved by tp
+    assert base_shard < params < base_shard * 1.02  # plus the adapters' shards
+    assert 0 < grads < params / 50 and state == pytest.approx(2 * grads, abs=0.01)
