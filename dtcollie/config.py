@@ -134,8 +134,9 @@ class LRScheduler:
 @dataclass
 class Data:
     tokenizer: str = option("dtcollie/assets/tokenizer", "folder with tokenizer.json")
-    kind: str = option("pretrain", "pretrain: packed text; sft: input/output pairs, loss on outputs",
-                       choices=("pretrain", "sft"))
+    kind: str = option("pretrain", "pretrain: packed text; sft: input/output pairs, loss on outputs; chat: "
+                       "conversations (messages or ShareGPT conversations) rendered with the tokenizer's chat "
+                       "template, loss on assistant turns", choices=("pretrain", "sft", "chat"))
     train_files: list = option(["dtcollie/assets/text/*.txt"], "files or globs (.txt, .jsonl)")
     val_files: list = option([], "validation files or globs; empty: hold out val_fraction of train documents")
     val_fraction: float = option(0.02, "documents held out for validation when val_files is empty",
@@ -143,7 +144,9 @@ class Data:
     text_field: str = option("text", "jsonl field with the document text (pretrain)")
     input_field: str = option("input", "jsonl field with the prompt (sft)")
     output_field: str = option("output", "jsonl field with the answer (sft)")
-    sft_packing: bool = option(False, "sft: pack several examples per sequence instead of padding each")
+    sft_packing: bool = option(False, "sft, chat: pack several examples per sequence instead of padding each")
+    chat_template: str = option("", "chat: a Jinja chat template file to use instead of the tokenizer's own")
+    chat_last_turn_only: bool = option(False, "chat: train on the last assistant turn only (default: on every one)")
     skip_bad_lines: bool = option(False, "skip malformed jsonl lines (and log their count) instead of failing")
     num_workers: int = option(0, "data-loader worker processes", minimum=0)
 

@@ -63,19 +63,28 @@ def split_txt_documents(text: str) -> list[str]:
 
 def read_jsonl(path: str, fields: dict[str, str], skip_bad_lines: bool) -> list[dict[str, str]]:
     """Rows of `path` with the requested string fields; `fields` maps config key -> field name."""
+    def row(record):
+        problem = _field_problem(record, fields)
+        return (None, problem) if problem else ({name: record[name] for name in fields.values()}, None)
+    return read_jsonl_records(path, row, skip_bad_lines)
+
+
+def read_jsonl_records(path: str, convert, skip_bad_lines: bool) -> list:
+    """`convert(record)` -> (value, None) or (None, problem) for each JSON line of `path`, blank lines
+    ignored; a line that is not JSON or has a problem is a DataError naming file and line, or is
+    skipped and counted with `skip_bad_lines`."""
     rows, bad = [], 0
     for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
-        problem = None
         try:
-            record = json.loads(line)
+            value, problem = convert(json.loads(line))
         except json.JSONDecodeError as err:
-            problem = f"not valid JSON ({err.msg} at column {err.colno})"
-        else:
-            problem = _field_problem(record, fields)
+            value, problem = None, f"not valid JSON ({err.msg} at column {err.colno})"
+        except RecursionError:
+            value, problem = None, "nested too deeply to read"
         if problem is None:
-            rows.append({name: record[name] for name in fields.values()})
+            rows.append(value)
         elif skip_bad_lines:
             bad += 1
         else:

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
+from dtcollie.data.chat import load_chat_tokenizer, read_conversations, tokenize_conversations
 from dtcollie.data.files import read_documents, read_examples, resolve_files
 from dtcollie.data.pretrain import pack_documents
 from dtcollie.data.sft import pack_examples, pad_examples, tokenize_examples
@@ -92,15 +93,21 @@ def build_dataset(data_cfg, tokenizer, seq_len: int, split: str) -> SequenceData
             files, data_cfg.text_field, data_cfg.skip_bad_lines))
         input_ids, labels = pack_documents(tokenizer.encode_batch(docs), tokenizer.eos_id, seq_len, split)
         log.info("%s: %d documents -> %d sequences of %d tokens", split, len(docs), len(input_ids), seq_len)
-    elif data_cfg.kind == "sft":
-        pairs = _split_items(data_cfg, split, lambda files: read_examples(
-            files, data_cfg.input_field, data_cfg.output_field, data_cfg.skip_bad_lines))
-        examples = tokenize_examples(tokenizer, pairs, seq_len, split)
+    elif data_cfg.kind in ("sft", "chat"):
+        if data_cfg.kind == "sft":
+            pairs = _split_items(data_cfg, split, lambda files: read_examples(
+                files, data_cfg.input_field, data_cfg.output_field, data_cfg.skip_bad_lines))
+            examples = tokenize_examples(tokenizer, pairs, seq_len, split)
+        else:
+            conversations = _split_items(data_cfg, split, lambda files: read_conversations(
+                files, data_cfg.skip_bad_lines))
+            examples = tokenize_conversations(load_chat_tokenizer(tokenizer.folder, data_cfg.chat_template),
+                                              conversations, seq_len, split, data_cfg.chat_last_turn_only)
         build = pack_examples if data_cfg.sft_packing else pad_examples
         input_ids, labels = build(examples, tokenizer.pad_id, seq_len)
         log.info("%s: %d examples -> %d sequences of %d tokens", split, len(examples), len(input_ids), seq_len)
     else:
-        raise DataError(f"data.kind = {data_cfg.kind!r} is not supported; use pretrain or sft")
+        raise DataError(f"data.kind = {data_cfg.kind!r} is not supported; use pretrain, sft or chat")
     return SequenceDataset(input_ids, labels)
 
 
