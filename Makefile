@@ -17,6 +17,6 @@ train: $(VENV)/installed
 	$(PY) -m dtcollie.train --config train_configs/debug.toml
 
 test: $(VENV)/installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 .PHONY: install train test
