@@ -18,13 +18,12 @@ as prefixes of the whole, which is checked.
 """
 
 import json
-import logging
 from pathlib import Path
 
 from dtcollie.data.files import read_jsonl_records
+from dtcollie.data.sft import drop_untrainable
 from dtcollie.errors import DataError
 
-log = logging.getLogger("dtcollie.data")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -111,25 +110,15 @@ def tokenize_conversations(tokenizer, conversations: list[tuple[str, list[dict]]
                            last_turn_only: bool = False) -> list[tuple[list[int], list[bool]]]:
     """(tokens, is_trained) per conversation, truncated to seq_len + 1, in the format of
     `dtcollie.data.sft` (packing and padding are shared); conversations left with nothing to train
-    dropped and counted."""
-    result, dropped = [], 0
+    dropped (`drop_untrainable`)."""
+    rows = []
     for where, messages in conversations:
         text, spans = assistant_spans(tokenizer, messages, where, last_turn_only)
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         # A token is trained when its characters [a, b) overlap a trained span [start, end).
         trained = [any(a < end and start < b for start, end in spans) for a, b in encoding["offset_mapping"]]
-        tokens, trained = encoding["input_ids"][: seq_len + 1], trained[: seq_len + 1]
-        if not any(trained[1:]):
-            dropped += 1
-            continue
-        result.append((tokens, trained))
-    if dropped:
-        log.warning("dropped %d of %d %s conversations with no trained token within %d tokens",
-                    dropped, len(conversations), split, seq_len)
-    if not result:
-        raise DataError(f"{split} data has no usable chat conversation ({len(conversations)} read, {dropped} with no "
-                        f"assistant token within training.seq_len = {seq_len}); add data or raise seq_len")
-    return result
+        rows.append((encoding["input_ids"][: seq_len + 1], trained[: seq_len + 1]))
+    return drop_untrainable(rows, seq_len, split, "chat")
 
 
 # ChatML, as Qwen's instruct models use it: every turn is <|im_start|>role\ncontent<|im_end|>\n.

@@ -26,21 +26,25 @@ def tokenize_examples(tokenizer, examples: list[tuple[str, str]], seq_len: int,
     """(tokens, is_output) per example, truncated to seq_len + 1; examples left with no label dropped."""
     inputs = tokenizer.encode_batch([inp for inp, _ in examples])
     outputs = tokenizer.encode_batch([out for _, out in examples])
-    result, dropped = [], 0
-    for inp, out in zip(inputs, outputs):
-        tokens = (inp + out + [tokenizer.eos_id])[: seq_len + 1]
-        is_output = ([False] * len(inp) + [True] * (len(out) + 1))[: seq_len + 1]
-        if not any(is_output[1:]):  # the answer was truncated away: nothing left to learn from
-            dropped += 1
-            continue
-        result.append((tokens, is_output))
+    rows = [((inp + out + [tokenizer.eos_id])[: seq_len + 1], ([False] * len(inp) + [True] * (len(out) + 1))[: seq_len + 1])
+            for inp, out in zip(inputs, outputs)]
+    return drop_untrainable(rows, seq_len, split, "sft")
+
+
+def drop_untrainable(rows: list[tuple[list[int], list[bool]]], seq_len: int, split: str,
+                     kind: str) -> list[tuple[list[int], list[bool]]]:
+    """The (tokens, is_trained) rows with a trained label left after truncation to seq_len + 1 (a
+    prompt that fills the sequence truncates its answer away); the others dropped with a warning,
+    and none left a DataError."""
+    kept = [row for row in rows if any(row[1][1:])]
+    dropped = len(rows) - len(kept)
     if dropped:
-        log.warning("dropped %d of %d %s examples whose prompt fills all %d tokens of a sequence",
-                    dropped, len(examples), split, seq_len)
-    if not result:
-        raise DataError(f"{split} data has no usable sft example ({len(examples)} read, {dropped} dropped because the "
-                        f"prompt fills seq_len = {seq_len}); add data or raise training.seq_len")
-    return result
+        log.warning("dropped %d of %d %s examples with nothing to train within the %d tokens of a sequence (%s data)",
+                    dropped, len(rows), split, seq_len, kind)
+    if not kept:
+        raise DataError(f"{split} data has no usable {kind} example ({len(rows)} read, {dropped} with nothing to train "
+                        f"within training.seq_len = {seq_len}); add data or raise training.seq_len")
+    return kept
 
 
 def _row(tokens: list[int], is_output: list[bool], pad_id: int, seq_len: int) -> tuple[list[int], list[int]]:

@@ -424,6 +424,17 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
+@torch.no_grad()
+def randomize_norms_and_biases(model: torch.nn.Module) -> None:
+    """Norm scales uniform in [0.5, 1.5] and biases N(0, 0.5) instead of their ones and zeros, so a
+    swapped, dropped or mis-sharded one changes the numbers (an HF or a dtcollie model)."""
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.uniform_(0.5, 1.5)
+        elif name.endswith("bias"):
+            param.normal_(0.0, 0.5)
+
+
 def save_random_hf_model(folder: str | Path, config, seed: int = 0) -> ModelArgs:
     """A randomly initialised HF model of a transformers `config` (one of the supported families),
     written by transformers itself, with random norms and biases too: a stand-in for a downloaded
@@ -432,12 +443,7 @@ def save_random_hf_model(folder: str | Path, config, seed: int = 0) -> ModelArgs
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                param.normal_(0.0, 0.5)
+    randomize_norms_and_biases(model)
     folder = Path(folder)
     prepare_output_folder(folder, False, HF_OUTPUT_PATTERNS)
     model.save_pretrained(folder)

@@ -17,7 +17,7 @@ from train_jobs import launch_jobs
 
 from dtcollie.checkpoint import read_checkpoint_metadata, save_model_weights
 from dtcollie.metrics import read_losses
-from dtcollie.models.hf import save_model_args
+from dtcollie.models.hf import randomize_norms_and_biases, save_model_args
 from dtcollie.models.llama import ModelArgs, Transformer
 
 STEPS = 5
@@ -46,12 +46,7 @@ def save_family_init(folder: Path, options: dict) -> Path:
     torch.manual_seed(0)
     model = Transformer(args)
     model.init_weights()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                param.normal_(0.0, 0.5)
+    randomize_norms_and_biases(model)
     save_model_weights(model, folder)
     save_model_args(args, folder / "model_args.json")
     return folder
