@@ -112,18 +112,6 @@ def test_unsupported_variants_are_one_line(config, message):
     assert "\n" not in str(error.value)
 
 
-# Published totals of the released checkpoints (model cards / safetensors metadata).
-@pytest.mark.parametrize("flavor,expected", [
-    ("llama3_2_1b", 1_235_814_400), ("llama3_2_3b", 3_212_749_824), ("qwen2_5_0_5b", 494_032_768),
-    ("qwen2_5_7b", 7_615_616_512), ("qwen3_0_6b", 596_049_920), ("qwen3_8b", 8_190_735_360),
-    ("mistral_7b", 7_241_732_096), ("mistral_7b_v0_3", 7_248_023_552),
-])
-def test_family_flavor_parameter_counts(flavor, expected):
-    with torch.device("meta"):
-        model = Transformer(FLAVORS[flavor])
-    assert count_parameters(model) == expected
-
-
 @pytest.mark.parametrize("flavor", ["llama3_2_1b", "qwen2_5_7b", "qwen3_8b", "mistral_7b"])
 def test_flavor_hf_config_round_trip(flavor):
     """The flavor's config.json reads back as the flavor, and transformers builds the same parameter count."""

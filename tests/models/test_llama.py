@@ -24,6 +24,9 @@ def build(args: ModelArgs) -> Transformer:
 @pytest.mark.parametrize("flavor,expected", [
     ("llama2_7b", 6_738_415_616), ("llama2_13b", 13_015_864_320), ("llama2_70b", 68_976_648_192),
     ("llama3_8b", 8_030_261_248), ("llama3_70b", 70_553_706_496),
+    ("llama3_2_1b", 1_235_814_400), ("llama3_2_3b", 3_212_749_824), ("qwen2_5_0_5b", 494_032_768),
+    ("qwen2_5_7b", 7_615_616_512), ("qwen3_0_6b", 596_049_920), ("qwen3_8b", 8_190_735_360),
+    ("mistral_7b", 7_241_732_096), ("mistral_7b_v0_3", 7_248_023_552),
 ])
 def test_flavor_parameter_counts(flavor, expected):
     with torch.device("meta"):
