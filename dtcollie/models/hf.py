@@ -37,6 +37,7 @@ DCP_OUTPUT_PATTERNS = (".metadata", "*.distcp", MODEL_ARGS_FILE)
 HF_FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
                "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM")}
 assert tuple(HF_FAMILIES) == FAMILIES
+HF_DEFAULT_ROPE_THETA = 10000.0  # every supported family's transformers default
 HF_DEFAULTED_KEYS = ("head_dim", "max_position_embeddings", "rms_norm_eps", "sliding_window", "tie_word_embeddings")
 HF_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
@@ -120,7 +121,7 @@ def _rope_from_hf(cfg: dict, max_seq_len: int) -> tuple[float, dict]:
     rope = cfg.get(key) or {}
     if not isinstance(rope, dict) or any(isinstance(value, dict) for value in rope.values()):
         raise ConfigError(f"HF config {key} must be one flat dict; per-layer RoPE is not supported")
-    theta = float(rope.get("rope_theta", cfg.get("rope_theta") or 10000.0))
+    theta = float(rope.get("rope_theta", cfg.get("rope_theta", HF_DEFAULT_ROPE_THETA)))
     partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
     if partial not in (None, 1, 1.0):
         raise ConfigError(f"HF config partial_rotary_factor={partial} is not supported; only full RoPE is")
