@@ -144,7 +144,10 @@ class Data:
     text_field: str = option("text", "jsonl field with the document text (pretrain)")
     input_field: str = option("input", "jsonl field with the prompt (sft)")
     output_field: str = option("output", "jsonl field with the answer (sft)")
-    sft_packing: bool = option(False, "sft, chat: pack several examples per sequence instead of padding each")
+    sft_packing: bool = option(False, "sft, chat: pack several examples per sequence instead of padding each "
+                               "(each example attends only to itself, positions restart per example)")
+    document_mask: bool = option(False, "pretrain: attention and RoPE positions restart at every document "
+                                 "(after each EOS) in a sequence; false: attend across documents")
     chat_template: str = option("", "chat: a Jinja chat template file to use instead of the tokenizer's own")
     chat_last_turn_only: bool = option(False, "chat: train on the last assistant turn only (default: on every one)")
     skip_bad_lines: bool = option(False, "skip malformed jsonl lines (and log their count) instead of failing")

@@ -175,10 +175,10 @@ class Trainer:
         parallelism = self.cfg.parallelism
         return loss_parallel() if self.dims.tp > 1 and parallelism.loss_parallel else contextlib.nullcontext()
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """Logits of the (single-stage) model, under autocast when this run uses it."""
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return self.model.parts[0](inputs)
+            return self.model.parts[0](inputs, positions)
 
     def step_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One (pipeline) micro-batch's share of the step loss: summed token losses over the label
@@ -193,12 +193,14 @@ class Trainer:
         (zero on ranks without the last pipeline stage)."""
         inputs = batch["input_ids"].to(self.device)
         labels = batch["labels"].to(self.device)
+        # Packed rows' document positions; every pipeline stage's attention needs them.
+        documents = {"positions": batch["positions"].to(self.device)} if "positions" in batch else {}
         with self.loss_context():
             if self.schedule is not None and backward and self.fused:
-                return self.fused_schedule_step(inputs, labels)
+                return self.fused_schedule_step(inputs, labels, documents)
             if self.schedule is not None:
-                return self.schedule_step(inputs, labels, backward)
-            logits = self.forward(inputs)
+                return self.schedule_step(inputs, labels, documents, backward)
+            logits = self.forward(inputs, documents.get("positions"))
             loss = self.step_loss(logits, labels)
             if backward and self.fused:
                 self.optimizer.fused_backward(loss)  # parameters are updated during this backward
@@ -206,23 +208,27 @@ class Trainer:
                 loss.backward()
         return plain(loss)
 
-    def schedule_step(self, inputs: torch.Tensor, labels: torch.Tensor, backward: bool) -> torch.Tensor:
+    def schedule_step(self, inputs: torch.Tensor, labels: torch.Tensor, documents: dict,
+                      backward: bool) -> torch.Tensor:
+        """`documents` ({"positions": ...} or empty) goes to every stage: the schedule passes keyword
+        inputs to all stages, split into micro-batches like the tokens."""
         losses = []
         stage_inputs = (inputs,) if self.model.has_first_stage else ()
         targets = dict(target=labels, losses=losses) if self.model.has_last_stage else {}
         # return_outputs=False: the last stage would otherwise keep every micro-batch's logits.
-        (self.schedule.step if backward else self.schedule.eval)(*stage_inputs, return_outputs=False, **targets)
+        (self.schedule.step if backward else self.schedule.eval)(*stage_inputs, return_outputs=False, **targets,
+                                                                 **documents)
         return plain(sum(losses)) if losses else torch.zeros((), device=self.device)
 
-    def fused_schedule_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def fused_schedule_step(self, inputs: torch.Tensor, labels: torch.Tensor, documents: dict) -> torch.Tensor:
         """LOMO/AdaLomo under pipeline parallelism: each stage's FSDP post-backward fires the update
         hooks once the schedule's micro-batches are all in. Clipping needs the global norm before any
         update, so the schedule then runs twice: once measuring, once updating."""
         if self.optimizer.needs_norm_pass:
             with self.optimizer.norm_pass():
-                self.schedule_step(inputs, labels, backward=True)
+                self.schedule_step(inputs, labels, documents, backward=True)
         with self.optimizer.update_pass() as applied:
-            return self.schedule_step(inputs, labels, backward=applied)
+            return self.schedule_step(inputs, labels, documents, backward=applied)
 
     def count_label_tokens(self, batches: list[dict]) -> int:
         """Label tokens of the whole global batch: this rank's micro-batches summed over data parallel."""

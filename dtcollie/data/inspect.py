@@ -2,19 +2,21 @@
 
 A row's input_ids[t] predicts labels[t] = token t + 1, so token t + 1 is trained where labels[t]
 is not ignored. `describe_rows` shows each row's tokens as text with every trained run inside
-«...» (the padding tail left out), and counts over the whole split: rows, tokens, the share of
-trained tokens and of padding.
+«...» (the padding tail left out) and, in packed rows with document positions, ¦ where a new
+document starts; then counts over the whole split: rows, documents, tokens, the share of trained
+tokens and of padding.
 """
 
 import torch
 
 from dtcollie.data.sft import IGNORE
 
-OPEN, CLOSE = "«", "»"
+OPEN, CLOSE, DOCUMENT = "«", "»", "¦"
 
 
-def row_text(tokenizer, input_ids: torch.Tensor, labels: torch.Tensor) -> str:
-    """The row's tokens decoded, trained runs inside «...», trailing untrained padding dropped."""
+def row_text(tokenizer, input_ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> str:
+    """The row's tokens decoded, trained runs inside «...», ¦ before each document after the first,
+    trailing untrained padding dropped."""
     # Token t + 1 is labels[t] where trained (padding may have replaced it in input_ids, as the
     # final EOS of a padded example), else input_ids[t + 1]; the row's last label has no input.
     ids, targets = input_ids.tolist(), labels.tolist()
@@ -25,11 +27,13 @@ def row_text(tokenizer, input_ids: torch.Tensor, labels: torch.Tensor) -> str:
             trained.append(target != IGNORE)
     while tokens and tokens[-1] == tokenizer.pad_id and not trained[-1]:
         tokens, trained = tokens[:-1], trained[:-1]
+    starts = set() if positions is None else {t for t, p in enumerate(positions.tolist()) if p == 0 and t > 0}
     parts, start = [], 0
     for end in range(1, len(tokens) + 1):
-        if end == len(tokens) or trained[end] != trained[start]:
+        if end == len(tokens) or trained[end] != trained[start] or end in starts:
             text = tokenizer.decode(tokens[start:end])
             parts.append(f"{OPEN}{text}{CLOSE}" if trained[start] else text)
+            parts.append(DOCUMENT if end in starts else "")
             start = end
     return "".join(parts)
 
@@ -37,10 +41,15 @@ def row_text(tokenizer, input_ids: torch.Tensor, labels: torch.Tensor) -> str:
 def describe_rows(dataset, tokenizer, n: int) -> str:
     """The first `n` rows as text, then the counts over every row of `dataset`."""
     input_ids, labels = dataset.input_ids, dataset.labels
-    rows = [f"--- row {i} ---\n{row_text(tokenizer, input_ids[i], labels[i])}" for i in range(min(n, len(dataset)))]
+    positions = dataset.positions
+    rows = [f"--- row {i} ---\n{row_text(tokenizer, input_ids[i], labels[i], None if positions is None else positions[i])}"
+            for i in range(min(n, len(dataset)))]
     total = input_ids.numel()
     trained = int((labels != IGNORE).sum())
-    padding = int(((input_ids == tokenizer.pad_id) & (labels == IGNORE)).sum())
-    counts = (f"{len(dataset):,} rows of {input_ids.shape[1]} tokens = {total:,} tokens; trained {trained:,} "
-              f"({100 * trained / total:.1f}%); padding {padding:,} ({100 * padding / total:.1f}%)")
+    is_padding = (input_ids == tokenizer.pad_id) & (labels == IGNORE)
+    padding = int(is_padding.sum())
+    # A packed row's padding tail is a segment of its own: the others are documents (or pieces).
+    documents = "" if positions is None else f"; {int(((positions == 0) & ~is_padding).sum()):,} documents"
+    counts = (f"{len(dataset):,} rows of {input_ids.shape[1]} tokens = {total:,} tokens{documents}; trained "
+              f"{trained:,} ({100 * trained / total:.1f}%); padding {padding:,} ({100 * padding / total:.1f}%)")
     return "\n".join([*rows, counts])

@@ -26,16 +26,20 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=
 
 
 class SequenceDataset(Dataset):
-    """Rows of pre-computed input_ids and labels ([N, seq_len] each)."""
+    """Rows of pre-computed input_ids and labels ([N, seq_len] each), and the positions of packed
+    rows' documents where rows hold several (see documents.py)."""
 
-    def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor):
-        self.input_ids, self.labels = input_ids, labels
+    def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None):
+        self.input_ids, self.labels, self.positions = input_ids, labels, positions
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+        row = {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+        if self.positions is not None:
+            row["positions"] = self.positions[index]
+        return row
 
 
 class ResumableLoader(StatefulDataLoader):
@@ -91,7 +95,8 @@ def build_dataset(data_cfg, tokenizer, seq_len: int, split: str) -> SequenceData
     if data_cfg.kind == "pretrain":
         docs = _split_items(data_cfg, split, lambda files: read_documents(
             files, data_cfg.text_field, data_cfg.skip_bad_lines))
-        input_ids, labels = pack_documents(tokenizer.encode_batch(docs), tokenizer.eos_id, seq_len, split)
+        input_ids, labels, positions = pack_documents(tokenizer.encode_batch(docs), tokenizer.eos_id, seq_len, split,
+                                                      data_cfg.document_mask)
         log.info("%s: %d documents -> %d sequences of %d tokens", split, len(docs), len(input_ids), seq_len)
     elif data_cfg.kind in ("sft", "chat"):
         if data_cfg.kind == "sft":
@@ -103,12 +108,14 @@ def build_dataset(data_cfg, tokenizer, seq_len: int, split: str) -> SequenceData
                 files, data_cfg.skip_bad_lines))
             examples = tokenize_conversations(load_chat_tokenizer(tokenizer.folder, data_cfg.chat_template),
                                               conversations, seq_len, split, data_cfg.chat_last_turn_only)
-        build = pack_examples if data_cfg.sft_packing else pad_examples
-        input_ids, labels = build(examples, tokenizer.pad_id, seq_len)
+        if data_cfg.sft_packing:
+            input_ids, labels, positions = pack_examples(examples, tokenizer.pad_id, seq_len)
+        else:
+            (input_ids, labels), positions = pad_examples(examples, tokenizer.pad_id, seq_len), None
         log.info("%s: %d examples -> %d sequences of %d tokens", split, len(examples), len(input_ids), seq_len)
     else:
         raise DataError(f"data.kind = {data_cfg.kind!r} is not supported; use pretrain, sft or chat")
-    return SequenceDataset(input_ids, labels)
+    return SequenceDataset(input_ids, labels, positions)
 
 
 def build_dataloader(data_cfg, tokenizer, seq_len: int, batch_size: int, dp_rank: int, dp_world: int,
@@ -116,7 +123,8 @@ def build_dataloader(data_cfg, tokenizer, seq_len: int, batch_size: int, dp_rank
     """A loader over this data-parallel rank's share of `split` ("train" or "val").
 
     Each batch is {"input_ids", "labels"}, LongTensors [batch_size, seq_len]; labels are -100 where
-    there is no loss. Ranks see disjoint rows (a few tail rows are dropped so that every rank gets
+    there is no loss. Packed rows with document boundaries (packed sft/chat, pretrain with
+    data.document_mask) add "positions", each token's position within its document. Ranks see disjoint rows (a few tail rows are dropped so that every rank gets
     the same number of full batches). Train is shuffled with `seed` + epoch; val is in file order.
 
     Epochs: `iter(loader)` runs one epoch; call `loader.sampler.set_epoch(e)` before each to get a

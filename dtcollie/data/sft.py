@@ -8,17 +8,20 @@ exactly the tokens the model was trained on.
 
 Padding mode gives each example its own row (truncated to seq_len + 1 tokens, padded with pad_id).
 Packing mode places whole examples one after another in a row until the next does not fit, then
-pads the rest: no example is split, so an answer is never separated from its prompt.
+pads the rest: no example is split, so an answer is never separated from its prompt. Packed rows
+carry `positions` (see documents.py), so each example is computed as if it had the row alone; the
+padding tail is a document of its own.
 """
 
 import logging
 
 import torch
 
+from dtcollie.data.documents import positions_from_starts, split_documents
 from dtcollie.errors import DataError
+from dtcollie.loss import IGNORE_INDEX as IGNORE
 
 log = logging.getLogger("dtcollie.data")
-IGNORE = -100
 
 
 def tokenize_examples(tokenizer, examples: list[tuple[str, str]], seq_len: int,
@@ -61,13 +64,22 @@ def pad_examples(examples, pad_id: int, seq_len: int) -> tuple[torch.Tensor, tor
             torch.tensor([r[1] for r in rows], dtype=torch.long))
 
 
-def pack_examples(examples, pad_id: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole examples greedily filled into rows of seq_len + 1 tokens, in order."""
-    packed, tokens, mask = [], [], []
-    for ex_tokens, ex_mask in examples:
-        if tokens and len(tokens) + len(ex_tokens) > seq_len + 1:
-            packed.append((tokens, mask))
-            tokens, mask = [], []
-        tokens, mask = tokens + ex_tokens, mask + ex_mask
-    packed.append((tokens, mask))
-    return pad_examples(packed, pad_id, seq_len)
+def pack_examples(examples, pad_id: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Whole examples greedily filled into rows of seq_len + 1 tokens, in order; (input_ids, labels,
+    positions) each [num_rows, seq_len]."""
+    rows, row = [], []
+    for example in examples:
+        if row and sum(len(tokens) for tokens, _ in row) + len(example[0]) > seq_len + 1:
+            rows.append(row)
+            row = []
+        row.append(example)
+    rows.append(row)
+    joined = [([t for tokens, _ in row for t in tokens], [m for _, mask in row for m in mask]) for row in rows]
+    input_ids, labels = pad_examples(joined, pad_id, seq_len)
+    starts = torch.zeros(len(rows), seq_len + 1, dtype=torch.bool)
+    for index, row in enumerate(rows):
+        lengths = torch.tensor([len(tokens) for tokens, _ in row])
+        boundaries = torch.cumsum(lengths, 0)  # the next example starts here; the last one, the padding
+        starts[index, boundaries[boundaries <= seq_len]] = True
+    labels, positions = split_documents(labels, positions_from_starts(starts))
+    return input_ids, labels, positions

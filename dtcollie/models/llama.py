@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 try:
-    from flash_attn import flash_attn_func
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
 except ImportError:
-    flash_attn_func = None
+    flash_attn_func = flash_attn_varlen_func = None
 
 from dtcollie.config import BF16_COMPUTE
 from dtcollie.errors import ConfigError
@@ -139,8 +139,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [batch, seq, heads, head_dim]; cos/sin: [seq, head_dim] for positions 0..seq-1."""
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    """x: [batch, seq, heads, head_dim]; cos/sin: [seq, head_dim] (positions 0..seq-1) or
+    [batch, seq, head_dim] (each token's own position)."""
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
     return x * cos + rotate_half(x) * sin
 
 
@@ -148,6 +149,32 @@ def sliding_window_mask(seq: int, window: int, device) -> torch.Tensor:
     """[seq, seq] boolean: query i sees key j when 0 <= i - j < window (causal, last `window` positions)."""
     offset = torch.arange(seq, device=device)[:, None] - torch.arange(seq, device=device)[None, :]
     return (offset >= 0) & (offset < window)
+
+
+def document_ids(positions: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] -> the number of the document each token belongs to: a document starts
+    wherever its position restarts at 0."""
+    return (positions == 0).cumsum(dim=-1)
+
+
+def document_mask(positions: torch.Tensor, window: int) -> torch.Tensor:
+    """[batch, 1, seq, seq] boolean for SDPA: query i sees key j when both are in one document and j
+    is causally visible (within the last `window` positions when window > 0)."""
+    documents = document_ids(positions)
+    seq = positions.shape[-1]
+    visible = sliding_window_mask(seq, window if window > 0 else seq, positions.device)
+    same_document = documents[:, :, None] == documents[:, None, :]
+    return (same_document & visible)[:, None]
+
+
+def document_offsets(positions: torch.Tensor) -> torch.Tensor:
+    """Cumulative document lengths over the flattened batch, int32 [documents + 1], for flash-attn's
+    varlen kernel (a row's first token always starts a document, so no document spans two rows)."""
+    starts = (positions.flatten() == 0) | (torch.arange(positions.numel(), device=positions.device)
+                                           % positions.shape[-1] == 0)
+    offsets = torch.nonzero(starts).flatten()
+    total = torch.tensor([positions.numel()], device=positions.device)
+    return torch.cat((offsets, total)).to(torch.int32)
 
 
 class Attention(nn.Module):
@@ -163,7 +190,11 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=args.norm_eps) if args.qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=args.norm_eps) if args.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
+        """`documents` is None (one causal sequence per row) or the document layout of packed rows
+        in the form this attention's kernel takes (see `Transformer.document_layout`); cos/sin are
+        then already taken at each token's position."""
         batch, seq, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
@@ -171,17 +202,33 @@ class Attention(nn.Module):
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos[:seq], sin[:seq]), apply_rope(k, cos[:seq], sin[:seq])
+        if documents is None:
+            cos, sin = cos[:seq], sin[:seq]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         windowed = 0 < self.sliding_window < seq  # a window as long as the sequence is plain causal
-        if self.use_flash:
-            window = (self.sliding_window - 1, 0) if windowed else (-1, -1)
+        window = (self.sliding_window - 1, 0) if windowed else (-1, -1)
+        if self.use_flash and documents is not None:
+            out = self.flash_documents(q, k, v, documents, window)
+        elif self.use_flash:
             out = flash_attn_func(q, k, v, causal=True, window_size=window)
         else:
-            mask = sliding_window_mask(seq, self.sliding_window, x.device) if windowed else None
+            mask = documents
+            if mask is None and windowed:
+                mask = sliding_window_mask(seq, self.sliding_window, x.device)
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  attn_mask=mask, is_causal=mask is None,
                                                  enable_gqa=True).transpose(1, 2)
         return self.wo(out.reshape(batch, seq, -1))
+
+    @staticmethod
+    def flash_documents(q, k, v, offsets: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+        """Packed rows through flash-attn's varlen kernel: the batch flattened into one token
+        sequence, each document attended to on its own."""
+        batch, seq = q.shape[:2]
+        max_len = int((offsets[1:] - offsets[:-1]).max())
+        out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), offsets, offsets,
+                                     max_len, max_len, causal=True, window_size=window)
+        return out.view(batch, seq, *out.shape[1:])
 
 
 class FeedForward(nn.Module):
@@ -203,8 +250,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, documents)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -260,13 +308,29 @@ class Transformer(nn.Module):
             out_std = self.args.dim ** -0.5
             nn.init.trunc_normal_(self.output.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [batch, seq] (or hidden states on a later pipeline stage) -> logits [batch, seq, vocab]."""
+    def document_layout(self, positions: torch.Tensor) -> torch.Tensor:
+        """Document boundaries of packed rows, as the attention kernel takes them: a boolean mask for
+        SDPA, cumulative document lengths for flash-attn."""
+        if self.args.attention == "flash":
+            return document_offsets(positions)
+        return document_mask(positions, self.args.sliding_window)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [batch, seq] (or hidden states on a later pipeline stage) -> logits [batch, seq, vocab].
+
+        `positions` [batch, seq]: packed rows, each token's position within its document (0 where
+        a document starts); attention stays inside documents and RoPE restarts with each, so every
+        document is computed as if alone. None: each row is one sequence, positions 0..seq-1."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        # Full tables: under sequence parallelism `h` holds a slice of the sequence, and attention,
-        # which sees the whole sequence, takes the positions it needs.
+        if positions is None:
+            # Full tables: under sequence parallelism `h` holds a slice of the sequence, and
+            # attention, which sees the whole sequence, takes the positions it needs.
+            cos, sin, documents = self.rope_cos, self.rope_sin, None
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            documents = self.document_layout(positions)
         for layer in self.layers.values():
-            h = layer(h, self.rope_cos, self.rope_sin)
+            h = layer(h, cos, sin, documents)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 

@@ -67,8 +67,10 @@ def block_plan(sequence_parallel: bool, qk_norm: bool) -> dict:
         # Gather the sequence-sharded residual stream before the column-parallel projections.
         plan["attention_norm"] = SequenceParallel()
         plan["ffn_norm"] = SequenceParallel()
-        plan["attention"] = PrepareModuleInput(input_layouts=(Shard(1), None, None),
-                                               desired_input_layouts=(Replicate(), None, None), use_local_output=True)
+        # Inputs (x, cos, sin, documents): only x is sharded; the rest are whole-sequence tensors.
+        plan["attention"] = PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                               desired_input_layouts=(Replicate(), None, None, None),
+                                               use_local_output=True)
         plan["feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
                                                   use_local_output=True)
     return plan

@@ -51,6 +51,9 @@ def test_packing_mode_keeps_masks_and_whole_examples(tok, write):
             used, end = used + lengths[end], end + 1
         check_row(tok, row["input_ids"], row["labels"], pairs[start:end])
         assert (row["input_ids"][used:] == tok.pad_id).all()
+        # Each example counts its positions from 0, and so does the padding after them.
+        expected = [p for n in [*lengths[start:end], 41 - used] for p in range(n)][:40]
+        assert row["positions"].tolist() == expected
         start = end
     assert start == len(pairs)
 

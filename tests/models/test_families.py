@@ -61,6 +61,28 @@ def test_logits_match_transformers(family_case):
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
+def packed_positions() -> torch.Tensor:
+    """Two packed rows of 24 tokens: documents of 5, 9 (longer than mistral_window's 7) and 10; 24."""
+    documents = ((5, 9, 10), (24,))
+    return torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in documents])
+
+
+def test_packed_rows_match_transformers_packed_and_each_document_alone(family_case):
+    """Document-masked attention and restarted RoPE against transformers' own packed-sequence
+    handling (position_ids without an attention mask), and against each document run alone."""
+    name, folder, _ = family_case
+    model, positions, ids = from_hf(folder), packed_positions(), tokens()
+    with torch.no_grad():
+        packed = model(ids, positions)
+        # Without a KV cache transformers reads packed documents from position_ids.
+        theirs = hf_model(folder)(ids, position_ids=positions, use_cache=False).logits
+        starts = [0, 5, 14]
+        alone = torch.cat([model(ids[:1, start:end]) for start, end in zip(starts, starts[1:] + [24])], dim=1)
+    assert (packed - theirs).abs().max().item() <= 1e-4
+    assert (packed[:1] - alone).abs().max().item() <= 1e-5
+    assert torch.equal(packed[1:], model(ids[1:]))  # one document: the causal path exactly
+
+
 def test_hf_to_dcp_to_hf_is_bit_exact_and_loads_alone(family_case, tmp_path):
     name, folder, _ = family_case
     args = convert_hf_to_dcp(folder, tmp_path / "dcp")

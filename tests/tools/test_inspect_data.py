@@ -29,9 +29,14 @@ def test_chat_rows_mark_exactly_the_assistant_replies():
     assert marked[:2] == ["17.<|im_end|>", "34.<|im_end|>"]
     assert all(text.endswith("<|im_end|>") and "<|im_start|>" not in text for text in marked)
     cfg = config.load("train_configs/debug_chat.toml")
-    dataset = build_dataset(cfg.data, load_tokenizer(cfg.data.tokenizer), cfg.training.seq_len, "train")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    dataset = build_dataset(cfg.data, tokenizer, cfg.training.seq_len, "train")
     trained = int((dataset.labels != IGNORE).sum())
     assert f"{len(dataset):,} rows of 128 tokens" in done.stdout and f"trained {trained:,} (" in done.stdout
+    # ¦ opens each conversation after the first; the padding tail is not shown.
+    starts = (dataset.positions[0] == 0) & (dataset.input_ids[0] != tokenizer.pad_id)
+    assert row.count("¦") == int(starts.sum()) - 1 >= 1
+    assert all(part.startswith("<|im_start|>") for part in row.split("¦"))
 
 
 def test_bad_config_is_one_line():
