@@ -25,10 +25,11 @@ SUFFIXES = (".txt", ".jsonl")
 _DOC_GAP = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
 
 
-def resolve_files(patterns: list[str], key: str) -> list[str]:
+def resolve_files(patterns: list[str], key: str, suffixes: tuple[str, ...] = SUFFIXES) -> list[str]:
     """Expand paths and globs (relative to the working directory) in order, without duplicates."""
+    kinds = " or ".join(suffixes)
     if not patterns:
-        raise DataError(f"{key} is empty; list .txt or .jsonl files or globs there")
+        raise DataError(f"{key} is empty; list {kinds} files or globs there")
     files = []
     for pattern in patterns:
         if glob.has_magic(pattern):
@@ -40,9 +41,9 @@ def resolve_files(patterns: list[str], key: str) -> list[str]:
             raise DataError(f"{key} entry {pattern!r} matches no file (working directory {os.getcwd()}); "
                             f"fix the path or glob in {key}")
         for path in matches:
-            if Path(path).suffix not in SUFFIXES:
+            if Path(path).suffix not in suffixes:
                 raise DataError(f"{path} ({key}) has unsupported extension {Path(path).suffix!r}; "
-                                f"use .txt or .jsonl files")
+                                f"use {kinds} files")
             if path not in files:
                 files.append(path)
     return files
@@ -73,25 +74,37 @@ def read_jsonl_records(path: str, convert, skip_bad_lines: bool) -> list:
     """`convert(record)` -> (value, None) or (None, problem) for each JSON line of `path`, blank lines
     ignored; a line that is not JSON or has a problem is a DataError naming file and line, or is
     skipped and counted with `skip_bad_lines`."""
-    rows, bad = [], 0
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value, problem = convert(json.loads(line))
-        except json.JSONDecodeError as err:
-            value, problem = None, f"not valid JSON ({err.msg} at column {err.colno})"
-        except RecursionError:
-            value, problem = None, "nested too deeply to read"
-        if problem is None:
-            rows.append(value)
-        elif skip_bad_lines:
-            bad += 1
-        else:
-            raise DataError(f"{path} line {number}: {problem}; fix the line or set data.skip_bad_lines = true")
+    return list(iter_jsonl_records(path, convert, skip_bad_lines, "set data.skip_bad_lines = true"))
+
+
+def iter_jsonl_records(path: str, convert, skip_bad_lines: bool, skip_fix: str):
+    """`read_jsonl_records`, one line at a time so a file larger than memory can be read; `skip_fix`
+    says how the caller's user turns on skipping (a config key or a command-line flag)."""
+    bad, offset = 0, 0
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {offset + err.start}); "
+                                f"convert it to UTF-8") from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                value, problem = convert(json.loads(line))
+            except json.JSONDecodeError as err:
+                value, problem = None, f"not valid JSON ({err.msg} at column {err.colno})"
+            except RecursionError:
+                value, problem = None, "nested too deeply to read"
+            if problem is None:
+                yield value
+            elif skip_bad_lines:
+                bad += 1
+            else:
+                raise DataError(f"{path} line {number}: {problem}; fix the line or {skip_fix}")
     if bad:
         log.warning("skipped %d malformed lines in %s", bad, path)
-    return rows
 
 
 def _field_problem(record, fields: dict[str, str]) -> str | None:
