@@ -9,8 +9,9 @@ DCP metadata (DCP would `torch.load(weights_only=False)` any non-tensor entry):
   DTensors where the parameter is one, so DCP reshards it exactly like the weights;
   `optimizer.loss_scaler.*` for LOMO/AdaLomo's fp16 loss scale;
 - `lr_scheduler`: the scheduler's state_dict as JSON bytes;
-- `dataloader.epoch`, `dataloader.sequences`: the epoch and how many sequences of its global order
-  were consumed, which do not depend on the layout (every layout takes the same global batches);
+- `dataloader.*`: the loader's `position()` in the global data order, which does not depend on the
+  layout (every layout takes the same global batches): `epoch` and `sequences` consumed of it for
+  in-memory data, the blocks `taken` from each token corpus (and their `blocks` counts) for streams;
 - `rng.cpu` (and `rng.cuda`), `step`.
 
 Names are the whole model's, whatever the pipeline split, so a checkpoint saved under one layout
@@ -95,6 +96,10 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.Te
 
 def _prefixed(prefix: str, entries: dict) -> dict:
     return {f"{prefix}.{key}": value for key, value in entries.items()}
+
+
+def _unprefixed(prefix: str, entries: dict) -> dict:
+    return {key[len(prefix) + 1:]: value for key, value in entries.items() if key.startswith(f"{prefix}.")}
 
 
 class Checkpointer:
@@ -199,13 +204,10 @@ def training_state(trainer, model_only: bool = False) -> dict[str, torch.Tensor]
     """The flat tensor dict a checkpoint holds for this rank (see the module docstring)."""
     if model_only:
         return {name: t for part in trainer.model.parts for name, t in model_state_dict(part).items()}
-    loader = trainer.train_loader
-    consumed = loader.state_dict()["_num_yielded"] * trainer.cfg.training.micro_batch_size * trainer.dims.dp
     state = {**_prefixed("model", trainable_state(trainer.model.parts)),
              **_prefixed("optimizer", optimizer_state(trainer.optimizer, trainer.model.parts)),
              "lr_scheduler": json_tensor(trainer.scheduler.state_dict()),
-             "dataloader.epoch": torch.tensor(loader.sampler.epoch),
-             "dataloader.sequences": torch.tensor(consumed),
+             **_prefixed("dataloader", trainer.train_loader.position()),
              "rng.cpu": torch.get_rng_state(),
              STEP_KEY: torch.tensor(trainer.step)}
     if trainer.device.type == "cuda":
@@ -224,8 +226,7 @@ def resume(trainer, folder: Path) -> None:
     trainer.scheduler.load_state_dict(from_json_tensor(state["lr_scheduler"]))
     for group, lr in zip(trainer.optimizer.param_groups, trainer.scheduler.get_last_lr()):
         group["lr"] = lr
-    per_batch = trainer.cfg.training.micro_batch_size * trainer.dims.dp
-    trainer.train_loader.seek(int(state["dataloader.epoch"]), int(state["dataloader.sequences"]) // per_batch)
+    trainer.train_loader.restore(_unprefixed("dataloader", state))
     torch.set_rng_state(state["rng.cpu"])
     if "rng.cuda" in state:
         torch.cuda.set_rng_state(state["rng.cuda"], trainer.device)

@@ -136,17 +136,21 @@ class Data:
     tokenizer: str = option("dtcollie/assets/tokenizer", "folder with tokenizer.json")
     kind: str = option("pretrain", "pretrain: packed text; sft: input/output pairs, loss on outputs; chat: "
                        "conversations (messages or ShareGPT conversations) rendered with the tokenizer's chat "
-                       "template, loss on assistant turns", choices=("pretrain", "sft", "chat"))
+                       "template, loss on assistant turns; tokens: pre-training streamed from token-shard corpora "
+                       "(tools/tokenize_corpus.py)", choices=("pretrain", "sft", "chat", "tokens"))
     train_files: list = option(["dtcollie/assets/text/*.txt"], "files or globs (.txt, .jsonl)")
     val_files: list = option([], "validation files or globs; empty: hold out val_fraction of train documents")
     val_fraction: float = option(0.02, "documents held out for validation when val_files is empty",
                                  minimum=0.0)
+    sources: list = option([], "tokens: corpus folders, each FOLDER or FOLDER:WEIGHT (a weighted mixture; "
+                           "default weight 1)")
+    val_sources: list = option([], "tokens: validation corpus folders (FOLDER or FOLDER:WEIGHT), read in order")
     text_field: str = option("text", "jsonl field with the document text (pretrain)")
     input_field: str = option("input", "jsonl field with the prompt (sft)")
     output_field: str = option("output", "jsonl field with the answer (sft)")
     sft_packing: bool = option(False, "sft, chat: pack several examples per sequence instead of padding each "
                                "(each example attends only to itself, positions restart per example)")
-    document_mask: bool = option(False, "pretrain: attention and RoPE positions restart at every document "
+    document_mask: bool = option(False, "pretrain, tokens: attention and RoPE positions restart at every document "
                                  "(after each EOS) in a sequence; false: attend across documents")
     chat_template: str = option("", "chat: a Jinja chat template file to use instead of the tokenizer's own")
     chat_last_turn_only: bool = option(False, "chat: train on the last assistant turn only (default: on every one)")

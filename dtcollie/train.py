@@ -71,14 +71,6 @@ def model_args_for(cfg: JobConfig, vocab_size: int) -> ModelArgs:
     return args
 
 
-def cycle(loader):
-    """Batches forever, one epoch after another, each reshuffled by the sampler; starts at the
-    loader's own epoch so a restored loader state continues where it was."""
-    for epoch in itertools.count(loader.sampler.epoch):
-        loader.sampler.set_epoch(epoch)
-        yield from loader
-
-
 def plain(tensor: torch.Tensor) -> torch.Tensor:
     """A detached ordinary tensor holding the full value (a loss-parallel loss is a replicated
     DTensor, loss-parallel logits a vocab-sharded one)."""
@@ -317,7 +309,7 @@ class Trainer:
                              f"({self.dims.describe()}) | global batch {training.global_batch_size} x "
                              f"{training.seq_len} tokens ({self.accumulation_steps} micro-batches of "
                              f"{training.micro_batch_size} per data-parallel rank) | dump {cfg.job.dump_folder}")
-        batches = cycle(self.train_loader)
+        batches = self.train_loader.batches()
         with StopFlag() as stop:
             self.run_steps(batches, throughput, stop)
             if self.checkpointer.enabled and self.checkpointer.last_saved_step != self.step:

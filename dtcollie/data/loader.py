@@ -1,10 +1,17 @@
-"""`build_dataloader`: files -> tokenized rows in memory -> a resumable, rank-sharded loader.
+"""`build_dataloader`: the data of a config as a resumable, rank-sharded loader.
 
-The data is small enough to tokenize once at start-up and hold as two tensors, which keeps the
-dataset map-style: a map-style dataset plus a stateful sampler is what makes an exact mid-epoch
-resume cheap (the sampler stores a count, not a buffer of pending tokens).
+Text, sft and chat data are small enough to tokenize once at start-up and hold as tensors, which
+keeps the dataset map-style: a map-style dataset plus a stateful sampler is what makes an exact
+mid-epoch resume cheap (the sampler stores a count, not a buffer of pending tokens). Token-shard
+corpora (`data.kind = "tokens"`) are streamed from disk instead (stream.py).
+
+Both loaders offer the trainer the same three things: `batches()`, training batches forever from
+where the loader stands; `iter(loader)`, one pass from the start (validation); and `position()` /
+`restore(position)`, the loader's place in the global data order as a few integer tensors, the
+same on every rank and under every data-parallel layout, which the checkpointer saves as they are.
 """
 
+import itertools
 import logging
 import warnings
 
@@ -17,6 +24,7 @@ from dtcollie.data.chat import load_chat_tokenizer, read_conversations, tokenize
 from dtcollie.data.files import read_documents, read_examples, resolve_files
 from dtcollie.data.pretrain import pack_documents
 from dtcollie.data.sft import pack_examples, pad_examples, tokenize_examples
+from dtcollie.data.stream import TokenStream
 from dtcollie.errors import DataError
 
 log = logging.getLogger("dtcollie.data")
@@ -68,6 +76,69 @@ class ResumableLoader(StatefulDataLoader):
             next(iterator)
         self.load_state_dict(self.state_dict())
 
+    def batches(self):
+        """Batches forever, one epoch after another, each reshuffled by the sampler, from this
+        loader's own epoch and place in it."""
+        for epoch in itertools.count(self.sampler.epoch):
+            self.sampler.set_epoch(epoch)
+            yield from self
+
+    def position(self) -> dict[str, torch.Tensor]:
+        """The epoch and the sequences of its global order consumed by all ranks together."""
+        per_batch = self.batch_size * self.sampler.num_replicas
+        return {"epoch": torch.tensor(self.sampler.epoch),
+                "sequences": torch.tensor(self.state_dict()["_num_yielded"] * per_batch)}
+
+    def restore(self, position: dict[str, torch.Tensor]) -> None:
+        self.seek(int(position["epoch"]), int(position["sequences"]) // (self.batch_size * self.sampler.num_replicas))
+
+
+class StreamLoader:
+    """A `TokenStream` behind the loader protocol: its state is the blocks each source has given."""
+
+    def __init__(self, stream: TokenStream):
+        self.stream = stream
+
+    def batches(self) -> TokenStream:
+        return self.stream
+
+    def __iter__(self) -> TokenStream:
+        self.stream.restart()
+        return self.stream
+
+    def position(self) -> dict[str, torch.Tensor]:
+        return {key: torch.tensor(value) for key, value in self.stream.state_dict().items()}
+
+    def restore(self, position: dict[str, torch.Tensor]) -> None:
+        self.stream.load_state_dict({key: value.tolist() for key, value in position.items()})
+
+
+def parse_sources(entries: list[str], key: str) -> list[tuple[str, float]]:
+    """(folder, weight) of each "FOLDER" or "FOLDER:WEIGHT" entry (weight 1 when not given)."""
+    sources = []
+    for entry in entries:
+        folder, _, weight = entry.rpartition(":")
+        try:
+            sources.append((folder, float(weight)) if folder else (entry, 1.0))
+        except ValueError:
+            raise DataError(f"{key} entry {entry!r}: the weight after the last ':' is not a number; write "
+                            f"FOLDER or FOLDER:WEIGHT") from None
+    return sources
+
+
+def build_token_loader(data_cfg, tokenizer, seq_len: int, batch_size: int, dp_rank: int, dp_world: int,
+                       split: str, seed: int) -> StreamLoader:
+    """Token-shard corpora: data.sources for train (shuffled, endless), data.val_sources for val."""
+    key = "data.sources" if split == "train" else "data.val_sources"
+    entries = data_cfg.sources if split == "train" else data_cfg.val_sources
+    if not entries:
+        raise DataError(f"{key} is empty; list token-shard corpus folders (made by tools/tokenize_corpus.py) there"
+                        + ("" if split == "train" else ", or set training.eval_interval = 0"))
+    stream = TokenStream(parse_sources(entries, key), seq_len, batch_size, dp_rank, dp_world, seed,
+                         data_cfg.document_mask, shuffle=split == "train", infinite=split == "train",
+                         tokenizer=tokenizer)
+    return StreamLoader(stream)
+
 
 def holdout_count(num_items: int, val_fraction: float) -> int:
     """How many trailing documents/examples form the validation split when no val_files are given."""
@@ -114,12 +185,12 @@ def build_dataset(data_cfg, tokenizer, seq_len: int, split: str) -> SequenceData
             (input_ids, labels), positions = pad_examples(examples, tokenizer.pad_id, seq_len), None
         log.info("%s: %d examples -> %d sequences of %d tokens", split, len(examples), len(input_ids), seq_len)
     else:
-        raise DataError(f"data.kind = {data_cfg.kind!r} is not supported; use pretrain, sft or chat")
+        raise DataError(f"data.kind = {data_cfg.kind!r} has no in-memory dataset; use pretrain, sft or chat")
     return SequenceDataset(input_ids, labels, positions)
 
 
 def build_dataloader(data_cfg, tokenizer, seq_len: int, batch_size: int, dp_rank: int, dp_world: int,
-                     split: str, seed: int) -> ResumableLoader:
+                     split: str, seed: int) -> "ResumableLoader | StreamLoader":
     """A loader over this data-parallel rank's share of `split` ("train" or "val").
 
     Each batch is {"input_ids", "labels"}, LongTensors [batch_size, seq_len]; labels are -100 where
@@ -141,6 +212,8 @@ def build_dataloader(data_cfg, tokenizer, seq_len: int, batch_size: int, dp_rank
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if data_cfg.kind == "tokens":
+        return build_token_loader(data_cfg, tokenizer, seq_len, batch_size, dp_rank, dp_world, split, seed)
     dataset = build_dataset(data_cfg, tokenizer, seq_len, split)
     per_rank = len(dataset) // dp_world
     if per_rank < batch_size:

@@ -46,7 +46,7 @@ import math
 import numpy as np
 import torch
 
-from dtcollie.data.sft import IGNORE
+from dtcollie.data.documents import positions_after_eos, split_documents
 from dtcollie.data.shards import open_corpus
 from dtcollie.errors import DataError
 
@@ -146,8 +146,7 @@ class TokenStream:
         tokens = torch.from_numpy(np.stack(blocks).astype(np.int64))
         batch = {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
         if self.document_mask:
-            batch["positions"] = document_positions(batch["input_ids"], self.eos_id)
-            batch["labels"][batch["input_ids"] == self.eos_id] = IGNORE
+            batch["labels"], batch["positions"] = split_documents(batch["labels"], positions_after_eos(tokens, self.eos_id))
         return batch
 
     def state_dict(self) -> dict:
@@ -165,11 +164,3 @@ class TokenStream:
         """Back to the first batch (a validation pass begins again)."""
         self.taken = [0] * len(self.sources)
 
-
-def document_positions(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Position of every token within its document, [B, S]: 0 at each row's first token and after each EOS."""
-    index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
-    starts = torch.zeros_like(input_ids, dtype=torch.bool)
-    starts[:, 0] = True
-    starts[:, 1:] = input_ids[:, :-1] == eos_id
-    return index - torch.where(starts, index, 0).cummax(dim=1).values
