@@ -138,8 +138,12 @@ class Data:
                        "conversations (messages or ShareGPT conversations) rendered with the tokenizer's chat "
                        "template, loss on assistant turns; tokens: pre-training streamed from token-shard corpora "
                        "(tools/tokenize_corpus.py)", choices=("pretrain", "sft", "chat", "tokens"))
-    train_files: list = option(["dtcollie/assets/text/*.txt"], "files or globs (.txt, .jsonl)")
+    train_files: list = option(["dtcollie/assets/text/*.txt"], "files or globs (.txt, .jsonl, .parquet)")
     val_files: list = option([], "validation files or globs; empty: hold out val_fraction of train documents")
+    hf_dataset: str = option("", "a local Hugging Face dataset instead of train_files/val_files: a save_to_disk "
+                             "folder, a dataset folder, or .parquet/.arrow/.json/.jsonl/.csv files or a glob")
+    hf_split: str = option("train", "hf_dataset: the split to train on")
+    hf_val_split: str = option("", "hf_dataset: the validation split; empty: hold out val_fraction of hf_split")
     val_fraction: float = option(0.02, "documents held out for validation when val_files is empty",
                                  minimum=0.0)
     sources: list = option([], "tokens: corpus folders, each FOLDER or FOLDER:WEIGHT (a weighted mixture; "

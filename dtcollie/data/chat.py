@@ -18,12 +18,14 @@ as prefixes of the whole, which is checked.
 """
 
 import json
+import logging
 from pathlib import Path
 
-from dtcollie.data.files import read_jsonl_records
+from dtcollie.data.records import convert_records
 from dtcollie.data.sft import drop_untrainable
 from dtcollie.errors import DataError
 
+log = logging.getLogger("dtcollie.data")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -52,15 +54,9 @@ def conversation_problem(record) -> tuple[list[dict] | None, str | None]:
     return messages, None
 
 
-def read_conversations(files: list[str], skip_bad_lines: bool) -> list[tuple[str, list[dict]]]:
-    """(where, messages) of every conversation in the .jsonl `files`, in file order."""
-    conversations = []
-    for path in files:
-        if not path.endswith(".jsonl"):
-            raise DataError(f"{path}: chat data must be .jsonl with 'messages' or 'conversations'")
-        records = read_jsonl_records(path, conversation_problem, skip_bad_lines)
-        conversations += [(f"{path} conversation {number}", messages) for number, messages in enumerate(records, 1)]
-    return conversations
+def conversations_of(records, skip_bad_lines: bool) -> list[tuple[str, list[dict]]]:
+    """(where, messages) of every valid conversation record, in order."""
+    return list(convert_records(records, conversation_problem, skip_bad_lines))
 
 
 def load_chat_tokenizer(folder: str, template_file: str = ""):
@@ -107,17 +103,27 @@ def assistant_spans(tokenizer, messages: list[dict], where: str, last_turn_only:
 
 
 def tokenize_conversations(tokenizer, conversations: list[tuple[str, list[dict]]], seq_len: int, split: str,
-                           last_turn_only: bool = False) -> list[tuple[list[int], list[bool]]]:
+                           last_turn_only: bool = False,
+                           skip_bad_lines: bool = False) -> list[tuple[list[int], list[bool]]]:
     """(tokens, is_trained) per conversation, truncated to seq_len + 1, in the format of
     `dtcollie.data.sft` (packing and padding are shared); conversations left with nothing to train
-    dropped (`drop_untrainable`)."""
-    rows = []
+    dropped (`drop_untrainable`). One the template cannot render is a DataError, or with
+    `skip_bad_lines` skipped and counted."""
+    rows, unrendered = [], 0
     for where, messages in conversations:
-        text, spans = assistant_spans(tokenizer, messages, where, last_turn_only)
+        try:
+            text, spans = assistant_spans(tokenizer, messages, where, last_turn_only)
+        except DataError:
+            if not skip_bad_lines:
+                raise
+            unrendered += 1
+            continue
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         # A token is trained when its characters [a, b) overlap a trained span [start, end).
         trained = [any(a < end and start < b for start, end in spans) for a, b in encoding["offset_mapping"]]
         rows.append((encoding["input_ids"][: seq_len + 1], trained[: seq_len + 1]))
+    if unrendered:
+        log.warning("skipped %d %s conversations the chat template could not render", unrendered, split)
     return drop_untrainable(rows, seq_len, split, "chat")
 
 

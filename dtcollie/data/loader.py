@@ -1,9 +1,9 @@
 """`build_dataloader`: the data of a config as a resumable, rank-sharded loader.
 
-Text, sft and chat data are small enough to tokenize once at start-up and hold as tensors, which
-keeps the dataset map-style: a map-style dataset plus a stateful sampler is what makes an exact
-mid-epoch resume cheap (the sampler stores a count, not a buffer of pending tokens). Token-shard
-corpora (`data.kind = "tokens"`) are streamed from disk instead (stream.py).
+Text, sft and chat data are tokenized once at start-up and held as tensors (dataset.py): a
+map-style dataset plus a stateful sampler is what makes an exact mid-epoch resume cheap (the
+sampler stores a count, not a buffer of pending tokens). Token-shard corpora (`data.kind =
+"tokens"`) are streamed from disk instead (stream.py).
 
 Both loaders offer the trainer the same three things: `batches()`, training batches forever from
 where the loader stands; `iter(loader)`, one pass from the start (validation); and `position()` /
@@ -12,42 +12,18 @@ same on every rank and under every data-parallel layout, which the checkpointer 
 """
 
 import itertools
-import logging
 import warnings
 
 import torch
-from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
-from dtcollie.data.chat import load_chat_tokenizer, read_conversations, tokenize_conversations
-from dtcollie.data.files import read_documents, read_examples, resolve_files
-from dtcollie.data.pretrain import pack_documents
-from dtcollie.data.sft import pack_examples, pad_examples, tokenize_examples
+from dtcollie.data.dataset import build_dataset
 from dtcollie.data.stream import TokenStream
 from dtcollie.errors import DataError
 
-log = logging.getLogger("dtcollie.data")
-
 # torchdata 0.11 calls torch.set_vital, which torch 2.13 deprecates: noise on every run, not ours to fix.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
-
-
-class SequenceDataset(Dataset):
-    """Rows of pre-computed input_ids and labels ([N, seq_len] each), and the positions of packed
-    rows' documents where rows hold several (see documents.py)."""
-
-    def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None):
-        self.input_ids, self.labels, self.positions = input_ids, labels, positions
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        row = {"input_ids": self.input_ids[index], "labels": self.labels[index]}
-        if self.positions is not None:
-            row["positions"] = self.positions[index]
-        return row
 
 
 class ResumableLoader(StatefulDataLoader):
@@ -138,55 +114,6 @@ def build_token_loader(data_cfg, tokenizer, seq_len: int, batch_size: int, dp_ra
                          data_cfg.document_mask, shuffle=split == "train", infinite=split == "train",
                          tokenizer=tokenizer)
     return StreamLoader(stream)
-
-
-def holdout_count(num_items: int, val_fraction: float) -> int:
-    """How many trailing documents/examples form the validation split when no val_files are given."""
-    if val_fraction <= 0 or num_items < 2:
-        return 0
-    return min(num_items - 1, max(1, int(num_items * val_fraction)))
-
-
-def _split_items(data_cfg, split: str, read) -> list:
-    """The documents or examples of `split`, read by `read(files)`."""
-    if data_cfg.val_files:
-        key = "data.train_files" if split == "train" else "data.val_files"
-        return read(resolve_files(data_cfg.train_files if split == "train" else data_cfg.val_files, key))
-    items = read(resolve_files(data_cfg.train_files, "data.train_files"))
-    num_val = holdout_count(len(items), data_cfg.val_fraction)
-    if split == "val" and num_val == 0:
-        raise DataError(f"no validation data: data.val_files is empty and data.val_fraction = {data_cfg.val_fraction} "
-                        f"of {len(items)} documents holds none out; set data.val_files or data.val_fraction, "
-                        f"or training.eval_interval = 0")
-    return items[len(items) - num_val:] if split == "val" else items[: len(items) - num_val]
-
-
-def build_dataset(data_cfg, tokenizer, seq_len: int, split: str) -> SequenceDataset:
-    """All rows of `split` (before sharding), tokenized and packed or padded."""
-    if data_cfg.kind == "pretrain":
-        docs = _split_items(data_cfg, split, lambda files: read_documents(
-            files, data_cfg.text_field, data_cfg.skip_bad_lines))
-        input_ids, labels, positions = pack_documents(tokenizer.encode_batch(docs), tokenizer.eos_id, seq_len, split,
-                                                      data_cfg.document_mask)
-        log.info("%s: %d documents -> %d sequences of %d tokens", split, len(docs), len(input_ids), seq_len)
-    elif data_cfg.kind in ("sft", "chat"):
-        if data_cfg.kind == "sft":
-            pairs = _split_items(data_cfg, split, lambda files: read_examples(
-                files, data_cfg.input_field, data_cfg.output_field, data_cfg.skip_bad_lines))
-            examples = tokenize_examples(tokenizer, pairs, seq_len, split)
-        else:
-            conversations = _split_items(data_cfg, split, lambda files: read_conversations(
-                files, data_cfg.skip_bad_lines))
-            examples = tokenize_conversations(load_chat_tokenizer(tokenizer.folder, data_cfg.chat_template),
-                                              conversations, seq_len, split, data_cfg.chat_last_turn_only)
-        if data_cfg.sft_packing:
-            input_ids, labels, positions = pack_examples(examples, tokenizer.pad_id, seq_len)
-        else:
-            (input_ids, labels), positions = pad_examples(examples, tokenizer.pad_id, seq_len), None
-        log.info("%s: %d examples -> %d sequences of %d tokens", split, len(examples), len(input_ids), seq_len)
-    else:
-        raise DataError(f"data.kind = {data_cfg.kind!r} has no in-memory dataset; use pretrain, sft or chat")
-    return SequenceDataset(input_ids, labels, positions)
 
 
 def build_dataloader(data_cfg, tokenizer, seq_len: int, batch_size: int, dp_rank: int, dp_world: int,

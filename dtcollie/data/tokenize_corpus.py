@@ -18,7 +18,6 @@ silently mixed in.
 
 import dataclasses
 import itertools
-import logging
 import multiprocessing
 import os
 import time
@@ -27,17 +26,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dtcollie.data.files import iter_jsonl_records, read_documents, resolve_files
+from dtcollie.data.files import records_of, resolve_files
+from dtcollie.data.records import convert_records, string_fields
 from dtcollie.data.shards import ShardWriter, finished_shard, write_manifest
 from dtcollie.data.tokenizer import load_tokenizer
 from dtcollie.errors import DataError
 
-INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 DEFAULT_TOKENS_PER_SHARD = 2**27  # 256 MiB of uint16: few files for a large corpus, quick to rewrite one
 ENCODE_BATCH = 256  # documents per encode_batch call
 SKIP_FIX = "pass --skip-bad-lines to skip such lines"
 
-log = logging.getLogger("dtcollie.data")
 
 
 @dataclasses.dataclass
@@ -66,7 +64,7 @@ def tokenize_corpus(inputs: list[str], out_dir: str, tokenizer_folder: str, text
     of the same command finished. The progress bar shows on a terminal only."""
     if workers < 1 or tokens_per_shard < 1:
         raise DataError(f"workers ({workers}) and tokens_per_shard ({tokens_per_shard}) must be at least 1")
-    files = resolve_files(inputs, "inputs", INPUT_SUFFIXES)
+    files = resolve_files(inputs, "inputs")
     tokenizer = load_tokenizer(tokenizer_folder)  # fail here, before any worker starts
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     settings = {"text_field": text_field, "tokens_per_shard": tokens_per_shard, "vocab_size": tokenizer.vocab_size,
@@ -161,48 +159,6 @@ def _reusable_shards(index: int, out_dir: str, source: dict) -> list[dict]:
 
 def read_file_documents(path: str, text_field: str, skip_bad_lines: bool):
     """The documents of one input file, in order, as an iterator (jsonl and parquet are streamed)."""
-    if path.endswith(".txt"):
-        return iter(read_documents([path], text_field, skip_bad_lines))
-    if path.endswith(".jsonl"):
-        return iter_jsonl_records(path, _text_record(text_field), skip_bad_lines, SKIP_FIX)
-    return _parquet_documents(path, text_field, skip_bad_lines)
-
-
-def _text_record(text_field: str):
-    def convert(record):
-        if not isinstance(record, dict):
-            return None, f"expected a JSON object, got {type(record).__name__}"
-        if not isinstance(record.get(text_field), str):
-            found = "no field" if text_field not in record else f"a {type(record[text_field]).__name__} in field"
-            return None, f"has {found} {text_field!r} where a string is needed (--text-field names the field)"
-        return record[text_field], None
-    return convert
-
-
-def _parquet_documents(path: str, column: str, skip_bad_lines: bool):
-    import pyarrow  # only parquet inputs need pyarrow (it comes with `datasets`)
-    import pyarrow.parquet
-    try:
-        table = pyarrow.parquet.ParquetFile(path)
-    except (pyarrow.ArrowException, OSError) as err:
-        raise DataError(f"{path} is not a readable parquet file ({err}); re-export it") from None
-    schema = table.schema_arrow
-    if column not in schema.names:
-        raise DataError(f"{path} has no column {column!r} (columns: {', '.join(schema.names)}); "
-                        f"name the text column with --text-field")
-    if not (pyarrow.types.is_string(schema.field(column).type) or pyarrow.types.is_large_string(
-            schema.field(column).type)):
-        raise DataError(f"{path} column {column!r} holds {schema.field(column).type}, not strings; "
-                        f"name the text column with --text-field")
-    row, missing = 0, 0
-    for batch in table.iter_batches(batch_size=1024, columns=[column]):
-        for text in batch.column(0).to_pylist():
-            row += 1
-            if text is not None:
-                yield text
-            elif skip_bad_lines:
-                missing += 1
-            else:
-                raise DataError(f"{path} row {row}: column {column!r} is null; fix the row or {SKIP_FIX}")
-    if missing:
-        log.warning("skipped %d null rows in %s", missing, path)
+    convert = string_fields({"--text-field": text_field})
+    records = records_of([path], text_field)
+    return (text for _, (text,) in convert_records(records, convert, skip_bad_lines, SKIP_FIX))

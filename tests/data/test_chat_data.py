@@ -119,8 +119,11 @@ def test_tokenizer_without_template_is_one_line_unless_a_file_gives_one(tmp_path
 def test_a_template_that_fails_to_render_names_the_conversation(tmp_path, assets, chat_tok):
     (tmp_path / "bad.jinja").write_text("{{ raise_exception('no system messages here') }}")
     tokenizer = load_chat_tokenizer(str(assets / "chat_tokenizer"), str(tmp_path / "bad.jinja"))
-    with pytest.raises(DataError, match="data.jsonl conversation 1: the chat template failed to render it"):
-        tokenize_conversations(tokenizer, [("data.jsonl conversation 1", CONVERSATIONS[0])], 64, "train")
+    conversations = [("data.jsonl line 1", CONVERSATIONS[0])]
+    with pytest.raises(DataError, match="data.jsonl line 1: the chat template failed to render it"):
+        tokenize_conversations(tokenizer, conversations, 64, "train")
+    with pytest.raises(DataError, match="no usable chat example"):  # skipped, and then none is left
+        tokenize_conversations(tokenizer, conversations, 64, "train", skip_bad_lines=True)
 
 
 def test_shipped_chat_tokenizer_is_what_the_tool_makes(tmp_path, assets):

@@ -2,7 +2,7 @@ import logging
 
 import pytest
 
-from dtcollie.data.files import read_documents, read_examples, read_jsonl, resolve_files, split_txt_documents
+from dtcollie.data.files import read_documents, read_examples, resolve_files, split_txt_documents
 from dtcollie.errors import DataError
 
 
@@ -36,7 +36,7 @@ BAD_ROWS = ['{"text": "fine"}', '{"text": "broken",', "", '{"other": "x"}', '{"t
 
 @pytest.mark.parametrize("bad, message", [
     ('{"text": "broken",',
-     r"not valid JSON \(Expecting .* at column \d+\); fix the line or set data.skip_bad_lines = true"),
+     r"not valid JSON \(Expecting .* at column \d+\); fix it or set data.skip_bad_lines = true"),
     ('{"other": "x"}', r"has no field 'text' \(data.text_field\)"),
     ('{"text": 5}', r"field 'text' must be a string, got int"),
     ("[1]", r"expected a JSON object, got list"),
@@ -44,7 +44,7 @@ BAD_ROWS = ['{"text": "fine"}', '{"text": "broken",', "", '{"other": "x"}', '{"t
 def test_malformed_jsonl_names_file_and_line(write, bad, message):
     path = write("x.jsonl", ['{"text": "fine"}'] * 15 + ["", bad, '{"text": "after"}'])
     with pytest.raises(DataError, match=r"x.jsonl line 17: " + message):
-        read_jsonl(path, {"text_field": "text"}, skip_bad_lines=False)
+        read_documents([path], "text", skip_bad_lines=False)
 
 
 def test_skip_bad_lines_keeps_good_rows_and_logs(write, caplog):
@@ -52,7 +52,7 @@ def test_skip_bad_lines_keeps_good_rows_and_logs(write, caplog):
     with caplog.at_level(logging.WARNING, logger="dtcollie.data"):
         docs = read_documents([path], "text", skip_bad_lines=True)
     assert docs == ["fine", "ok"]
-    assert f"skipped 4 malformed lines in {path}" in caplog.text
+    assert f"skipped 4 bad records in {path}" in caplog.text
 
 
 def test_sft_reads_pairs_and_rejects_txt(write):
@@ -60,5 +60,5 @@ def test_sft_reads_pairs_and_rejects_txt(write):
     assert read_examples([path], "q", "a", False) == [("a", "b"), ("c", "d")]
     with pytest.raises(DataError, match=r"line 1: has no field 'input' \(data.input_field\)"):
         read_examples([path], "input", "a", False)
-    with pytest.raises(DataError, match="sft data must be .jsonl"):
+    with pytest.raises(DataError, match="sft data must be .jsonl or .parquet records"):
         read_examples([write("t.txt", ["x"])], "q", "a", False)

@@ -6,7 +6,7 @@ import torch
 
 from dtcollie.config import Data
 from dtcollie.data import build_dataloader, build_dataset
-from dtcollie.data.loader import holdout_count
+from dtcollie.data.dataset import holdout_count
 from dtcollie.errors import DataError
 
 SEQ, BATCH = 16, 4

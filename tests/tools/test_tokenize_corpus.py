@@ -97,12 +97,14 @@ def test_shards_from_other_settings_are_refused(tmp_path, inputs):
 
 def test_bad_rows_name_file_and_row(tmp_path, inputs):
     files, _ = inputs
-    with pytest.raises(DataError, match=r"b.jsonl line 1: has no field 'text' where a string is needed"):
+    with pytest.raises(DataError, match=r"b.jsonl line 1: has no field 'text' \(--text-field\); fix it or pass "
+                                        r"--skip-bad-lines"):
         tokenize_corpus(files[1:2], str(tmp_path / "o"), TOKENIZER, "text", progress=False)
     pyarrow.parquet.write_table(pyarrow.table({"body": ["x", None]}), tmp_path / "n.parquet")
-    with pytest.raises(DataError, match=r"n.parquet row 2: column 'body' is null; .* --skip-bad-lines"):
+    with pytest.raises(DataError, match=r"n.parquet row 2: field 'body' must be a string, got NoneType; .* "
+                                        r"--skip-bad-lines"):
         run([str(tmp_path / "n.parquet")], tmp_path / "o")
-    with pytest.raises(DataError, match=r"c.parquet has no column 'text' \(columns: body\)"):
+    with pytest.raises(DataError, match=r"c.parquet row 1: has no field 'text' \(--text-field\)"):
         tokenize_corpus(files[2:], str(tmp_path / "o"), TOKENIZER, "text", progress=False)
 
 
