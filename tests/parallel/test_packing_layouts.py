@@ -2,8 +2,8 @@
 
 For pretrain (data.document_mask), sft and chat data, the first packed rows of each are cut back
 into their documents, one padded row each (no positions: the plain causal path), and both run
-through the trainer's own forward and loss on one process, under tp 2 with sequence parallel and
-under pp 2. Every trained token's loss must agree, in fp64 to 1e-10 and in fp32 (one process) to
+through the trainer's own forward and loss on one process, under tp 2 with sequence parallel,
+under pp 2 and with compiled blocks. Every trained token's loss must agree, in fp64 to 1e-10 and in fp32 (one process) to
 1e-5. A control runs the packed rows without their positions: attention then crosses documents and
 the losses must move by far more than the bar, so the comparison can fail.
 """
@@ -31,7 +31,7 @@ CASES = {  # name: data overrides, as on the command line
              "data.train_files": "dtcollie/assets/chat/train.jsonl"},
 }
 LAYOUTS = {"one_process": (1, {}), "tp2_sp": (2, {"parallelism.tp": "2", "parallelism.sequence_parallel": "true"}),
-           "pp2": (2, {"parallelism.pp": "2"})}
+           "pp2": (2, {"parallelism.pp": "2"}), "compiled": (1, {"compile.enable": "true"})}
 
 
 def unpack(rows: dict) -> dict:
