@@ -1,7 +1,9 @@
+import shlex
 import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +162,26 @@ def test_lora_trains_only_adapters_with_checkpointing_and_compile(tmp_path):
     assert {id(p) for g in eager.optimizer.param_groups for p in g["params"]} == \
         {id(p) for p in eager.model.parts[0].parameters() if p.requires_grad}
     assert eager_losses[1] != eager_losses[0]
+
+
+def test_tokens_config_trains_from_the_commands_in_its_header(tmp_path, monkeypatch):
+    """debug_tokens.toml's header says how to make its corpora: run exactly that, then train."""
+    repo = Path(__file__).resolve().parents[1]
+    header = [line[1:].strip() for line in (repo / "train_configs/debug_tokens.toml").read_text().splitlines()
+              if line.startswith("#")]
+    commands = " ".join(header).replace("\\ ", "").split("python ")[1:]
+    tokenize = [shlex.split(command) for command in commands if command.startswith("tools/tokenize_corpus.py")]
+    assert len(tokenize) == 2
+    for name in ("dtcollie", "tools", "train_configs"):
+        (tmp_path / name).symlink_to(repo / name)
+    for arguments in tokenize:
+        done = subprocess.run([sys.executable, *arguments], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load("train_configs/debug_tokens.toml", [("training.steps", "20"), ("training.eval_interval", "10"),
+                                                          ("metrics.log_freq", "1"), ("job.dump_folder", "run")])
+    Trainer(cfg).train()
+    losses = [r["loss"] for r in read_records(tmp_path / "run") if "loss" in r]
+    val = [r["val_loss"] for r in read_records(tmp_path / "run") if "val_loss" in r]
+    assert len(losses) == 20 and losses[0] > 7.0 and sum(losses[-3:]) / 3 < losses[0] - 1.0
+    assert len(val) == 2 and val[1] < val[0]
