@@ -4,8 +4,10 @@
         [--section.key value ...]
 
 Builds the split exactly as the trainer does (same tokenizer, seq_len, packing, masks) and prints
-its first N rows with every trained run inside «...», then counts over the split (rows, tokens,
-trained share, padding share). Examples dropped while building are reported as warnings.
+its first N rows with every trained run inside «...» and ¦ where a packed row's next document
+starts, then counts over the split (rows, documents, tokens, trained share, padding share).
+Examples dropped while building are reported as warnings. For token-shard corpora (data.kind =
+"tokens") it prints the first rows of the stream and each corpus's counts.
 """
 
 import argparse
@@ -14,8 +16,8 @@ import sys
 
 from dtcollie import config as config_module
 from dtcollie.cli import run_main
-from dtcollie.data import build_dataset, load_tokenizer
-from dtcollie.data.inspect import describe_rows
+from dtcollie.data import build_dataloader, build_dataset, load_tokenizer
+from dtcollie.data.inspect import describe_rows, describe_stream
 
 
 def main(argv: list[str]) -> None:
@@ -26,8 +28,12 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     cfg = config_module.load(*config_module.parse_overrides(rest))
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    dataset = build_dataset(cfg.data, tokenizer, cfg.training.seq_len, options.split)
-    print(describe_rows(dataset, tokenizer, options.n))
+    if cfg.data.kind == "tokens":
+        loader = build_dataloader(cfg.data, tokenizer, cfg.training.seq_len, 1, 0, 1, options.split, cfg.job.seed)
+        print(describe_stream(loader.stream, tokenizer, options.n))
+    else:
+        dataset = build_dataset(cfg.data, tokenizer, cfg.training.seq_len, options.split)
+        print(describe_rows(dataset, tokenizer, options.n))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ A row's input_ids[t] predicts labels[t] = token t + 1, so token t + 1 is trained
 is not ignored. `describe_rows` shows each row's tokens as text with every trained run inside
 «...» (the padding tail left out) and, in packed rows with document positions, ¦ where a new
 document starts; then counts over the whole split: rows, documents, tokens, the share of trained
-tokens and of padding.
+tokens and of padding. `describe_stream` does the same for token-shard corpora: the first rows a
+stream gives, then each corpus's counts.
 """
 
 import torch
@@ -42,7 +43,7 @@ def describe_rows(dataset, tokenizer, n: int) -> str:
     """The first `n` rows as text, then the counts over every row of `dataset`."""
     input_ids, labels = dataset.input_ids, dataset.labels
     positions = dataset.positions
-    rows = [f"--- row {i} ---\n{row_text(tokenizer, input_ids[i], labels[i], None if positions is None else positions[i])}"
+    rows = [f"--- row {i} ---\n{row_text(tokenizer, input_ids[i], labels[i], dataset[i].get('positions'))}"
             for i in range(min(n, len(dataset)))]
     total = input_ids.numel()
     trained = int((labels != IGNORE).sum())
@@ -53,3 +54,19 @@ def describe_rows(dataset, tokenizer, n: int) -> str:
     counts = (f"{len(dataset):,} rows of {input_ids.shape[1]} tokens = {total:,} tokens{documents}; trained "
               f"{trained:,} ({100 * trained / total:.1f}%); padding {padding:,} ({100 * padding / total:.1f}%)")
     return "\n".join([*rows, counts])
+
+
+def describe_stream(stream, tokenizer, n: int) -> str:
+    """The first `n` rows `stream` (a TokenStream) gives, then the tokens, documents and blocks of
+    each of its corpora."""
+    rows = []
+    while len(rows) < n:
+        batch = next(stream)
+        rows += [{key: value[i] for key, value in batch.items()} for i in range(len(batch["input_ids"]))]
+    shown = [f"--- row {i} ---\n{row_text(tokenizer, row['input_ids'], row['labels'], row.get('positions'))}"
+             for i, row in enumerate(rows[:n])]
+    counts = [f"{source.folder} (weight {source.weight:g}): {source.corpus.tokens:,} tokens, "
+              f"{sum(shard.documents for shard in source.corpus.shards):,} documents in "
+              f"{len(source.corpus.shards)} shards -> {source.blocks:,} rows of {stream.seq_len} tokens"
+              for source in stream.sources]
+    return "\n".join([*shown, *counts])

@@ -122,8 +122,9 @@ def build_dataloader(data_cfg, tokenizer, seq_len: int, batch_size: int, dp_rank
 
     Each batch is {"input_ids", "labels"}, LongTensors [batch_size, seq_len]; labels are -100 where
     there is no loss. Packed rows with document boundaries (packed sft/chat, pretrain with
-    data.document_mask) add "positions", each token's position within its document. Ranks see disjoint rows (a few tail rows are dropped so that every rank gets
-    the same number of full batches). Train is shuffled with `seed` + epoch; val is in file order.
+    data.document_mask) add "positions", each token's position within its document. Ranks see
+    disjoint rows (a few tail rows are dropped so that every rank gets the same number of full
+    batches). Train is shuffled with `seed` + epoch; val is in file order.
 
     Epochs: `iter(loader)` runs one epoch; call `loader.sampler.set_epoch(e)` before each to get a
     new order. Resume: `loader.state_dict()` holds the position within the epoch and the epoch

@@ -146,7 +146,8 @@ class TokenStream:
         tokens = torch.from_numpy(np.stack(blocks).astype(np.int64))
         batch = {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
         if self.document_mask:
-            batch["labels"], batch["positions"] = split_documents(batch["labels"], positions_after_eos(tokens, self.eos_id))
+            positions = positions_after_eos(tokens, self.eos_id)
+            batch["labels"], batch["positions"] = split_documents(batch["labels"], positions)
         return batch
 
     def state_dict(self) -> dict:

@@ -3,8 +3,8 @@
 For pretrain (data.document_mask), sft and chat data, the first packed rows of each are cut back
 into their documents, one padded row each (no positions: the plain causal path), and both run
 through the trainer's own forward and loss on one process, under tp 2 with sequence parallel,
-under pp 2 and with compiled blocks. Every trained token's loss must agree, in fp64 to 1e-10 and in fp32 (one process) to
-1e-5. A control runs the packed rows without their positions: attention then crosses documents and
+under pp 2 and with compiled blocks. Every trained token's loss must agree, in fp64 to 1e-10 and
+in fp32 (one process) to 1e-5. A control runs the packed rows without their positions: attention then crosses documents and
 the losses must move by far more than the bar, so the comparison can fail.
 """
 

@@ -1,5 +1,7 @@
-"""tools/inspect_data.py run as a user would: the marked rows and the counts of a chat config."""
+"""tools/inspect_data.py run as a user would: the marked rows and the counts of a chat config and of
+a token corpus."""
 
+import json
 import re
 import subprocess
 import sys
@@ -8,6 +10,7 @@ from pathlib import Path
 from dtcollie import config
 from dtcollie.data import build_dataset, load_tokenizer
 from dtcollie.data.sft import IGNORE
+from dtcollie.data.tokenize_corpus import tokenize_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,3 +45,19 @@ def test_chat_rows_mark_exactly_the_assistant_replies():
 def test_bad_config_is_one_line():
     done = run_tool("--config", "train_configs/debug_chat.toml", "--data.kind", "chatt")
     assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+
+
+def test_token_corpus_rows_show_document_starts_and_the_corpus_counts(tmp_path):
+    corpus = tmp_path / "answers"
+    tokenize_corpus([str(REPO / "dtcollie/assets/sft/train.jsonl")], str(corpus),
+                    str(REPO / "dtcollie/assets/tokenizer"), text_field="output", progress=False)
+    done = run_tool("--config", "train_configs/debug.toml", "--data.kind", "tokens", "--data.sources", str(corpus),
+                    "--data.document_mask", "true", "--n", "2")
+    assert done.returncode == 0, done.stderr
+    row = done.stdout.split("--- row 0 ---\n")[1].split("\n--- row 1 ---")[0]
+    # The answers are a few tokens each: every one after the first starts after ¦, and its first
+    # token is not trained (nothing before it in its document predicts it).
+    assert row.count("¦") >= 10 and all(not part.startswith("«") for part in row.split("¦")[1:])
+    manifest = json.loads((corpus / "corpus.json").read_text())
+    assert (f"{corpus} (weight 1): {manifest['tokens']:,} tokens, {manifest['documents']:,} documents in 1 shards"
+            in done.stdout)
