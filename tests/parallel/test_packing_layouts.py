@@ -84,9 +84,10 @@ def packing_worker(rank: int, world: int, layout: dict, dump_folder: str) -> dic
         packed = {"input_ids": dataset.input_ids[:ROWS], "labels": dataset.labels[:ROWS],
                   "positions": dataset.positions[:ROWS]}
         without_positions = {key: packed[key] for key in ("input_ids", "labels")}
-        results[name] = {"packed": trained_token_losses(trainer, packed),
-                         "unpacked": trained_token_losses(trainer, unpack(packed)),
-                         "control": trained_token_losses(trainer, without_positions)}
+        runs = {"packed": packed, "unpacked": unpack(packed), "control": without_positions}
+        # Plain lists: tensors would travel between processes as shared memory that dies with the rank.
+        results[name] = {run: [values.tolist() for values in trained_token_losses(trainer, rows)]
+                         for run, rows in runs.items()}
     return results
 
 
@@ -95,7 +96,9 @@ def run_layout(layout_name: str, precision: str, tmp_path) -> dict:
     layout = {"precision": precision, "overrides": overrides}
     per_rank = run_ranks(world, packing_worker, layout, str(tmp_path), timeout=600) if world > 1 else \
         [packing_worker(0, 1, layout, str(tmp_path))]
-    return next(result for result in per_rank if len(result["pretrain"]["packed"][0]))
+    result = next(result for result in per_rank if len(result["pretrain"]["packed"][0]))
+    return {name: {run: tuple(torch.tensor(values) for values in pair) for run, pair in runs.items()}
+            for name, runs in result.items()}
 
 
 def assert_packed_equals_unpacked(results: dict, bar: float) -> None:
