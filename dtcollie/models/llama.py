@@ -191,10 +191,11 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=args.norm_eps) if args.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                documents: torch.Tensor | None = None) -> torch.Tensor:
+                documents: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
         """`documents` is None (one causal sequence per row) or the document layout of packed rows
-        in the form this attention's kernel takes (see `Transformer.document_layout`); cos/sin are
-        then already taken at each token's position."""
+        in the form this attention's kernel takes (see `Transformer.document_layout`), or in
+        generation the cache's attention mask; cos/sin are then already taken at each token's
+        position. `kv_cache` (generation) keeps this layer's earlier keys and values."""
         batch, seq, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
@@ -205,11 +206,13 @@ class Attention(nn.Module):
         if documents is None:
             cos, sin = cos[:seq], sin[:seq]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.extend(k, v)  # queries attend over every cached key; the cache masks them
         windowed = 0 < self.sliding_window < seq  # a window as long as the sequence is plain causal
         window = (self.sliding_window - 1, 0) if windowed else (-1, -1)
-        if self.use_flash and documents is not None:
+        if self.use_flash and kv_cache is None and documents is not None:
             out = self.flash_documents(q, k, v, documents, window)
-        elif self.use_flash:
+        elif self.use_flash and kv_cache is None:
             out = flash_attn_func(q, k, v, causal=True, window_size=window)
         else:
             mask = documents
@@ -251,8 +254,8 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                documents: torch.Tensor | None = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, documents)
+                documents: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, documents, kv_cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -315,12 +318,14 @@ class Transformer(nn.Module):
             return document_offsets(positions)
         return document_mask(positions, self.args.sliding_window)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """tokens [batch, seq] (or hidden states on a later pipeline stage) -> logits [batch, seq, vocab].
 
         `positions` [batch, seq]: packed rows, each token's position within its document (0 where
         a document starts); attention stays inside documents and RoPE restarts with each, so every
-        document is computed as if alone. None: each row is one sequence, positions 0..seq-1."""
+        document is computed as if alone. None: each row is one sequence, positions 0..seq-1.
+        `cache` (a `dtcollie.generation.KVCache`, with `positions`): incremental decoding, the new
+        tokens attending to the cached ones through the cache's mask."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if positions is None:
             # Full tables: under sequence parallelism `h` holds a slice of the sequence, and
@@ -328,9 +333,9 @@ class Transformer(nn.Module):
             cos, sin, documents = self.rope_cos, self.rope_sin, None
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-            documents = self.document_layout(positions)
-        for layer in self.layers.values():
-            h = layer(h, cos, sin, documents)
+            documents = cache.mask if cache is not None else self.document_layout(positions)
+        for layer_id, layer in self.layers.items():
+            h = layer(h, cos, sin, documents, None if cache is None else cache.layers[int(layer_id)])
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 

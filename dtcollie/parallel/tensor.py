@@ -67,9 +67,10 @@ def block_plan(sequence_parallel: bool, qk_norm: bool) -> dict:
         # Gather the sequence-sharded residual stream before the column-parallel projections.
         plan["attention_norm"] = SequenceParallel()
         plan["ffn_norm"] = SequenceParallel()
-        # Inputs (x, cos, sin, documents): only x is sharded; the rest are whole-sequence tensors.
-        plan["attention"] = PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
-                                               desired_input_layouts=(Replicate(), None, None, None),
+        # Inputs (x, cos, sin, documents, kv_cache): only x is sharded; the rest are whole-sequence
+        # tensors (or None).
+        plan["attention"] = PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
+                                               desired_input_layouts=(Replicate(), None, None, None, None),
                                                use_local_output=True)
         plan["feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
                                                   use_local_output=True)
