@@ -60,3 +60,19 @@ def test_bad_input_is_one_line_and_exit_2(trained, arguments, message):
     done = run(*arguments)
     assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
     assert re.search(message, done.stderr), done.stderr
+
+
+def test_interactive_chat_answers_each_turn_until_end_of_input(tmp_path):
+    folder = tmp_path / "chat_run"
+    cfg = config.load("train_configs/debug_chat.toml", [("training.steps", "3"), ("training.eval_interval", "0"),
+                                                        ("checkpoint.interval", "3"), ("job.dump_folder", str(folder)),
+                                                        ("metrics.enable_tensorboard", "false")])
+    Trainer(cfg).train()
+    command = [sys.executable, "-m", "dtcollie.generate", "--checkpoint", str(folder / "checkpoints/step-3"), "--chat",
+               "--max-new-tokens", "6"]
+    done = subprocess.run(command, input="What is 3 plus 14?\nAnd 4 plus 4?\n", capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    turns = done.stdout.split("you> ")
+    assert len(turns) == 4 and turns[-1] == ""  # two answered turns, then the prompt that met end of input
+    assert all(turn.strip() for turn in turns[1:3])

@@ -1,9 +1,11 @@
-"""KV-cached generation against transformers' `generate`, for every family, and the sampling filters
-against transformers' logits processors.
+"""KV-cached generation against transformers' `generate`, for every family, the sampling filters
+against transformers' logits processors, and LoRA checkpoints generating with their adapters.
 
 Both models run in float64, so a greedy choice between two nearly equal logits cannot flip on
 rounding: the comparison is of the algorithms, on any CPU.
 """
+
+import dataclasses
 
 import pytest
 import torch
@@ -11,8 +13,15 @@ from test_families import CONFIGS, save_hf_model
 from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
+from dtcollie import config
+from dtcollie.checkpoint import load_weights_as_stored, save_model_weights
 from dtcollie.generation import Sampling, filter_logits, generate
-from dtcollie.models.hf import from_hf
+from dtcollie.inference import build_inference_model, load_weights
+from dtcollie.models.hf import from_hf, save_model_args
+from dtcollie.models.llama import FLAVORS, Transformer
+from dtcollie.peft import apply_lora
+from dtcollie.peft.export import load_lora_config
+from dtcollie.train import Trainer
 
 NEW_TOKENS = 32
 PAD = 0
@@ -73,3 +82,29 @@ def test_filters_keep_what_transformers_keeps(top_k, top_p):
     assert torch.equal(torch.isinf(ours), torch.isinf(expected))
     assert torch.equal(ours[~torch.isinf(ours)], logits[~torch.isinf(ours)])
     assert int((~torch.isinf(ours)).sum(dim=-1).min()) >= 1
+
+
+def test_a_lora_training_checkpoint_generates_with_its_adapters(tmp_path):
+    """The adapters of a LoRA run (its checkpoint holds only them) merged into the base weights the
+    run names give the logits of the unmerged LoRA model, and change what is generated."""
+    args = dataclasses.replace(FLAVORS["debug"], vocab_size=2048, max_seq_len=48)
+    torch.manual_seed(0)
+    base = Transformer(args)
+    base.init_weights()
+    save_model_weights(base, tmp_path / "base")
+    save_model_args(args, tmp_path / "base" / "model_args.json")
+    cfg = config.load("train_configs/debug_lora.toml", [
+        ("training.steps", "3"), ("checkpoint.interval", "3"), ("training.eval_interval", "0"),
+        ("checkpoint.initial_load_path", str(tmp_path / "base")), ("job.dump_folder", str(tmp_path / "run")),
+        ("metrics.enable_tensorboard", "false")])
+    Trainer(cfg).train()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-3"
+    merged = build_inference_model(*load_weights(checkpoint), torch.device("cpu"))
+    unmerged = Transformer(args)
+    apply_lora(unmerged, **dataclasses.asdict(load_lora_config(checkpoint)))
+    unmerged.load_state_dict({**base.state_dict(), **load_weights_as_stored(checkpoint)}, strict=False)
+    tokens = torch.randint(0, 2048, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (merged(tokens) - unmerged(tokens)).abs().max().item() <= 1e-5
+        assert (merged(tokens) - base(tokens)).abs().max().item() > 1e-3
+    assert generate(merged, tokens.tolist(), 8) == generate(unmerged.eval(), tokens.tolist(), 8)
