@@ -163,6 +163,17 @@ class Data:
 
 
 @dataclass
+class Eval:
+    choice_files: list = option([], "jsonl files {question, choices, answer}: multiple-choice accuracy (acc, "
+                                "acc_norm, by log-likelihood as lm-eval), at every training.eval_interval")
+    generation_files: list = option([], "jsonl files {prompt, answer}: greedy generation exact match, at every "
+                                    "training.eval_interval")
+    max_new_tokens: int = option(32, "generation_files: tokens generated per prompt at most", minimum=1)
+    batch_size: int = option(8, "rows per evaluation forward on each data-parallel rank", minimum=1)
+    samples: int = option(3, "generations logged as TensorBoard text (eval/samples) at each evaluation", minimum=0)
+
+
+@dataclass
 class Checkpoint:
     initial_load_path: str = option("", "DCP folder with model weights to start from (convert_hf_to_dcp output)")
     interval: int = option(0, "save a resumable checkpoint to <dump_folder>/checkpoints/step-N every this many "
@@ -215,6 +226,7 @@ class JobConfig:
     optimizer: Optimizer = field(default_factory=Optimizer)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     data: Data = field(default_factory=Data)
+    eval: Eval = field(default_factory=Eval)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     metrics: Metrics = field(default_factory=Metrics)
     peft: Peft = field(default_factory=Peft)

@@ -25,10 +25,7 @@ from dtcollie.data.chat import load_chat_tokenizer
 from dtcollie.data.tokenizer import load_tokenizer
 from dtcollie.errors import UserError
 from dtcollie.generation import Sampling, generate
-from dtcollie.inference import build_inference_model, load_weights, run_config
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
-
+from dtcollie.inference import DTYPES, build_inference_model, load_weights, tokenizer_folder
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,18 +44,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     return parser.parse_args(argv)
-
-
-def tokenizer_folder(options: argparse.Namespace) -> str:
-    if options.tokenizer:
-        return options.tokenizer
-    if os.path.isfile(os.path.join(options.checkpoint, "tokenizer.json")):
-        return options.checkpoint
-    run = run_config(options.checkpoint)
-    if run is None:
-        raise UserError(f"no tokenizer for {options.checkpoint}: it has no tokenizer.json and is not a training "
-                        f"checkpoint of a run with a config.toml; pass --tokenizer")
-    return run.data.tokenizer
 
 
 def read_prompts(options: argparse.Namespace) -> list[str]:
@@ -84,7 +69,7 @@ class Generator:
         if options.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be at least 1, got {options.max_new_tokens}")
         args, state = load_weights(options.checkpoint, options.base)
-        folder = tokenizer_folder(options)
+        folder = tokenizer_folder(options.checkpoint, options.tokenizer)
         self.tokenizer = load_tokenizer(folder)
         self.chat_tokenizer = load_chat_tokenizer(folder) if options.chat else None
         world = int(os.environ.get("WORLD_SIZE", "1"))

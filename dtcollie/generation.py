@@ -102,10 +102,13 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-             eos_id: int | None = None, pad_id: int = 0, on_tokens=None, use_cache: bool = True) -> list[list[int]]:
+             eos_id: int | None = None, pad_id: int = 0, on_tokens=None, use_cache: bool = True,
+             stop_early: bool = True) -> list[list[int]]:
     """The new tokens of each prompt (up to its EOS, included, or `max_new_tokens`).
 
     `on_tokens(step, tokens)` is called with each step's new token per row, for streaming.
+    `stop_early=False` runs all `max_new_tokens` steps even when every row has ended (ranks that
+    must make the same forward calls).
     `use_cache=False` recomputes the whole sequence at every step (the reference the cache is
     measured against): the prompts' left padding is then kept apart by document positions."""
     args = model.args
@@ -138,7 +141,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
             on_tokens(step, chosen)
         if eos_id is not None:
             finished |= chosen == eos_id
-            if bool(finished.all()):
+            if stop_early and bool(finished.all()):
                 break
         step_tokens, step_real = chosen[:, None], torch.ones_like(chosen[:, None], dtype=torch.bool)
         step_positions = positions[:, -1:] + 1 + step

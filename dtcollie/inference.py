@@ -26,12 +26,26 @@ from dtcollie.peft.export import LORA_CONFIG_FILE, load_lora_config
 from dtcollie.peft.lora import merge_lora_state_dict
 
 RUN_CONFIG = "config.toml"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
 def run_config(checkpoint: str | Path):
     """The config of the training run a `<dump_folder>/checkpoints/step-N` folder belongs to, or None."""
     path = Path(checkpoint).resolve().parent.parent / RUN_CONFIG
     return config_module.load(str(path)) if path.is_file() else None
+
+
+def tokenizer_folder(checkpoint: str | Path, given: str | None = None) -> str:
+    """`given`, else the checkpoint's own tokenizer.json (an HF folder), else its run's data.tokenizer."""
+    if given:
+        return given
+    if Path(checkpoint, "tokenizer.json").is_file():
+        return str(checkpoint)
+    run = run_config(checkpoint)
+    if run is None:
+        raise CheckpointError(f"no tokenizer for {checkpoint}: it has no tokenizer.json and is not a training "
+                              f"checkpoint of a run with a config.toml; name the tokenizer folder")
+    return run.data.tokenizer
 
 
 def load_weights(checkpoint: str | Path, base: str | Path | None = None) -> tuple[ModelArgs, dict[str, torch.Tensor]]:

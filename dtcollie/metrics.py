@@ -25,7 +25,8 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
                     "tokens_per_sec": "perf/tokens_per_sec", "mfu_pct": "perf/mfu_pct",
                     "peak_memory_gib": "memory/peak_gib", "val_loss": "val/loss",
-                    "val_perplexity": "val/perplexity"}
+                    "val_perplexity": "val/perplexity", "eval_acc": "eval/acc", "eval_acc_norm": "eval/acc_norm",
+                    "eval_exact_match": "eval/exact_match"}
 
 
 def read_records(dump_folder: str | Path) -> list[dict]:
@@ -88,6 +89,12 @@ class MetricsLogger:
             for key, value in record.items():
                 if key in TENSORBOARD_TAGS and value is not None and math.isfinite(value):
                     self.writer.add_scalar(TENSORBOARD_TAGS[key], value, step)
+            self.writer.flush()
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        """A block of text (sample generations) in TensorBoard's text tab."""
+        if self.enabled and self.writer is not None:
+            self.writer.add_text(tag, text, step)
             self.writer.flush()
 
     def console(self, line: str) -> None:

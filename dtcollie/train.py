@@ -24,6 +24,7 @@ from dtcollie import config as config_module
 from dtcollie.checkpointer import Checkpointer, resume, training_state
 from dtcollie.cli import run_main
 from dtcollie.config import ConfigError, JobConfig
+from dtcollie.evals import EvalTasks, WholeLogits
 from dtcollie.errors import DataError
 from dtcollie.data import build_dataloader, load_tokenizer
 from dtcollie.loss import IGNORE_INDEX, cross_entropy_sum, sample_labels
@@ -136,6 +137,7 @@ class Trainer:
         self.accumulation_steps = training.global_batch_size // (training.micro_batch_size * self.dims.dp)
         self.train_loader = self.loader("train")
         self.val_loader = self.loader("val") if training.eval_interval else None
+        self.eval_tasks = EvalTasks.of(cfg, self.dims.pp)
         # Multi-process layouts use FSDP's mixed-precision policy; one process uses autocast.
         use_autocast = training.mixed_precision == "bf16" and self.mesh is None
         self.autocast_dtype = torch.bfloat16 if use_autocast else None
@@ -288,6 +290,23 @@ class Trainer:
         loss = sum_over(loss.double(), self.loss_groups).item()
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0))}
 
+    @torch.no_grad()
+    def run_evaluators(self) -> None:
+        """The [eval] tasks on the training model, spread over data-parallel ranks."""
+        self.model.train(False)
+        dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+        result, samples = self.eval_tasks.run(WholeLogits(self.model.parts[0]), self.tokenizer,
+                                              self.cfg.training.seq_len, dp_rank, self.dims.dp,
+                                              self.dp_groups[0] if self.dp_groups else None)
+        self.model.train(True)
+        self.metrics.log(self.step, result)
+        self.metrics.console(f"evaluation at step {self.step} | " + " | ".join(
+            f"{key.removeprefix('eval_')} {value:.4f}" for key, value in result.items()))
+        if samples:
+            self.metrics.text(self.step, "eval/samples", "\n\n".join(
+                f"**prompt** {prompt}  \n**answer** {answer}  \n**generated** {completion}"
+                for prompt, answer, completion in samples))
+
     def write_run_config(self) -> None:
         if self.rank != 0:
             return
@@ -353,11 +372,14 @@ class Trainer:
                 self.metrics.console(console_line(self.step, training.steps, record))
             if self.checkpointer.due(self.step):
                 self.save_checkpoint(final=self.step == training.steps)
-            if self.val_loader is not None and (self.step % training.eval_interval == 0 or self.step == training.steps):
+            due = training.eval_interval and (self.step % training.eval_interval == 0 or self.step == training.steps)
+            if self.val_loader is not None and due:
                 result = self.evaluate()
                 self.metrics.log(self.step, result)
                 self.metrics.console(f"validation at step {self.step} | loss {result['val_loss']!r} | "
                                      f"perplexity {result['val_perplexity']:.3f}")
+            if self.eval_tasks is not None and due:
+                self.run_evaluators()
 
 
 def main(argv: list[str]) -> None:
