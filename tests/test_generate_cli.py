@@ -19,11 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 def trained(tmp_path_factory) -> Path:
     """A short debug run's final training checkpoint (its run config names the tokenizer)."""
     folder = tmp_path_factory.mktemp("run")
-    cfg = config.load("train_configs/debug.toml", [("training.steps", "30"), ("training.eval_interval", "0"),
-                                                   ("checkpoint.interval", "30"), ("job.dump_folder", str(folder)),
+    cfg = config.load("train_configs/debug.toml", [("training.steps", "5"), ("training.eval_interval", "0"),
+                                                   ("checkpoint.interval", "5"), ("job.dump_folder", str(folder)),
                                                    ("metrics.enable_tensorboard", "false")])
     Trainer(cfg).train()
-    return folder / "checkpoints" / "step-30"
+    return folder / "checkpoints" / "step-5"
 
 
 def run(*args, nproc: int = 1) -> subprocess.CompletedProcess:

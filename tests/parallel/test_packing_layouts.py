@@ -112,7 +112,7 @@ def assert_packed_equals_unpacked(results: dict, bar: float) -> None:
         assert (control - packed).abs().max().item() > 1e3 * bar, name
 
 
-@pytest.mark.parametrize("layout_name", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout_name", ["tp2_sp", "pp2", "compiled"])  # one process: fp32 below, and compiled
 def test_packed_rows_give_each_token_its_loss_alone_fp64(layout_name, tmp_path):
     assert_packed_equals_unpacked(run_layout(layout_name, "fp64", tmp_path), bar=1e-10)
 
