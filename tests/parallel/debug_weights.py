@@ -8,6 +8,10 @@ import torch
 from dtcollie.checkpoint import save_model_weights
 from dtcollie.models.llama import FLAVORS, Transformer
 
+# One novel of the shipped four: a layout test takes a few hundred sequences, and every rank of
+# every job tokenizes its data at start (a second each for all four on this machine's cores).
+ONE_NOVEL = ["--data.train_files", "dtcollie/assets/text/persuasion.txt"]
+
 
 def save_debug_init(folder: Path, seq_len: int) -> Path:
     """The debug model (2048-token vocabulary), seeded random init, saved to `folder`."""

@@ -8,14 +8,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from debug_weights import save_debug_init
+from debug_weights import ONE_NOVEL, save_debug_init
 from train_jobs import launch_jobs
 
 from dtcollie.metrics import read_losses
 
 COMMON = ["--config", "train_configs/debug.toml", "--training.seq_len", "32", "--training.eval_interval", "0",
           "--metrics.log_freq", "1", "--metrics.enable_tensorboard", "false", "--lr_scheduler.warmup_steps", "0",
-          "--lr_scheduler.decay_type", "constant", "--optimizer.lr", "3e-3", "--checkpoint.interval", "3"]
+          "--lr_scheduler.decay_type", "constant", "--optimizer.lr", "3e-3", "--checkpoint.interval", "3", *ONE_NOVEL]
 DP2_TP2 = ["--parallelism.tp", "2", "--training.micro_batch_size", "2"]  # 2 micro-batches per rank
 
 

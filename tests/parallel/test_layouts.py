@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from debug_weights import save_debug_init
+from debug_weights import ONE_NOVEL, save_debug_init
 
 from dtcollie.checkpoint import load_weights_as_stored
 from dtcollie.metrics import read_losses, read_records
@@ -22,7 +22,7 @@ from dtcollie.metrics import read_losses, read_records
 STEPS = 5
 COMMON = ["--training.steps", str(STEPS), "--training.seq_len", "32", "--metrics.log_freq", "1",
           "--training.eval_interval", "0", "--metrics.enable_tensorboard", "false",
-          "--training.global_batch_size", "8"]
+          "--training.global_batch_size", "8", *ONE_NOVEL]
 THREADS = (1, 2)  # OpenMP threads of the single-process references
 
 

@@ -1,11 +1,11 @@
 """Every optimizer, and LoRA, gives the same parameters on every layout as on one process.
 
-For each layout one launch (tests/parallel/train_jobs.py) trains the debug model for 3 steps with
+For each layout one launch (tests/parallel/train_jobs.py) trains the debug model for 5 steps with
 each optimizer from the same initial weights in the fp64 mode (`training.mixed_precision =
 "fp64"`: weights, compute, reductions and updates in float64), and with AdamW, LOMO and AdaLomo
 in fp32 too. LOMO
 and AdaLomo update inside backward (under pp in each stage's FSDP post-backward); Sophia refreshes
-its Hessian at steps 1 and 3 from labels sampled the same way on every layout. The
+its Hessian at steps 1, 3 and 5 from labels sampled the same way on every layout. The
 single-process reference runs twice, with 1 and with 2 OpenMP threads (the layouts run 1 per
 rank), so each comparison also crosses a change of summation order on the same machine.
 
@@ -32,16 +32,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from debug_weights import save_debug_init
+from debug_weights import ONE_NOVEL, save_debug_init
 from train_jobs import launch_jobs
 
 from dtcollie.checkpoint import load_weights_as_stored
 from dtcollie.metrics import read_losses
 
-STEPS = 3
+STEPS = 5
 COMMON = ["--config", "train_configs/debug.toml", "--training.steps", str(STEPS), "--training.seq_len", "32",
           "--training.eval_interval", "0", "--metrics.log_freq", "1", "--metrics.enable_tensorboard", "false",
-          "--training.global_batch_size", "8", "--checkpoint.interval", str(STEPS), "--checkpoint.model_only", "true", "--lr_scheduler.warmup_steps", "0"]
+          "--training.global_batch_size", "8", "--checkpoint.interval", str(STEPS), "--checkpoint.model_only", "true",
+          "--lr_scheduler.warmup_steps", "0", *ONE_NOVEL]
 RUNS = {  # name: overrides
     "adamw": ["--optimizer.name", "adamw"],
     "lion": ["--optimizer.name", "lion", "--optimizer.lr", "1e-4"],
