@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from debug_weights import ONE_NOVEL
 from train_jobs import launch_jobs
 
 from dtcollie.checkpoint import read_checkpoint_metadata, save_model_weights
@@ -31,7 +30,7 @@ FAMILIES = {
 }
 COMMON = ["--config", "train_configs/debug.toml", "--training.steps", str(STEPS), "--training.seq_len", "32",
           "--training.eval_interval", "0", "--metrics.log_freq", "1", "--metrics.enable_tensorboard", "false",
-          "--training.global_batch_size", "8", "--lr_scheduler.warmup_steps", "0", *ONE_NOVEL]
+          "--training.global_batch_size", "8", "--lr_scheduler.warmup_steps", "0"]
 LAYOUTS = {  # name: (processes, overrides)
     "dp_shard2": (2, ["--training.micro_batch_size", "4"]),
     "tp2": (2, ["--parallelism.tp", "2"]),
