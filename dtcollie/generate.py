@@ -25,7 +25,7 @@ from dtcollie.data.chat import load_chat_tokenizer
 from dtcollie.data.tokenizer import load_tokenizer
 from dtcollie.errors import UserError
 from dtcollie.generation import Sampling, generate
-from dtcollie.inference import DTYPES, build_inference_model, load_weights, tokenizer_folder
+from dtcollie.inference import DTYPES, build_inference_model, load_weights, pick_device, tokenizer_folder
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -85,8 +85,8 @@ class Generator:
 
         def show(step, tokens):  # print the text decoded so far beyond what is already shown
             shown.append(int(tokens[0]))
-            text = self.tokenizer.decode(shown)
-            previous = self.tokenizer.decode(shown[:-1])
+            text = self.tokenizer.decode(shown, skip_special_tokens=True)
+            previous = self.tokenizer.decode(shown[:-1], skip_special_tokens=True)
             print(text[len(previous):], end="", flush=True)
 
         eos = self.tokenizer.eos_id
@@ -134,14 +134,6 @@ def read_turn(printing: bool) -> str | None:
     if dist.is_initialized():
         dist.broadcast_object_list(line, src=0)
     return line[0]
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device(name)
 
 
 def main(argv: list[str]) -> None:

@@ -10,6 +10,7 @@ The weights are read whole on CPU and each rank copies its own shard, so under t
 a device holds 1/tp of the model; the host needs the whole of it once.
 """
 
+import os
 from pathlib import Path
 
 import torch
@@ -27,6 +28,15 @@ from dtcollie.peft.lora import merge_lora_state_dict
 
 RUN_CONFIG = "config.toml"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def pick_device(name: str | None) -> torch.device:
+    """"auto" (or None): CUDA when there is one, else CPU; "cuda" takes this rank's GPU."""
+    if name in (None, "auto"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(name)
 
 
 def run_config(checkpoint: str | Path):

@@ -20,16 +20,16 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from dtcollie.data.tokenizer import load_tokenizer
 from dtcollie.evals import continuation_tokens, loglikelihoods
 from dtcollie.generation import generate
-from dtcollie.inference import DTYPES, build_inference_model, load_weights, tokenizer_folder
+from dtcollie.inference import DTYPES, build_inference_model, load_weights, pick_device, tokenizer_folder
 
 
 @register_model("dtcollie")
 class DtcollieLM(LM):
     def __init__(self, checkpoint: str, tokenizer: str | None = None, base: str | None = None, dtype: str = "fp32",
-                 device: str = "cpu", batch_size: int | str = 8, **unused):
+                 device: str | None = "auto", batch_size: int | str = 8, **unused):
         super().__init__()
         self.tokenizer = load_tokenizer(tokenizer_folder(checkpoint, tokenizer))
-        self.model = build_inference_model(*load_weights(checkpoint, base), torch.device(device), DTYPES[dtype])
+        self.model = build_inference_model(*load_weights(checkpoint, base), pick_device(device), DTYPES[dtype])
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
