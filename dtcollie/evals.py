@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 
 from dtcollie.data.files import resolve_files
 from dtcollie.data.records import convert_records, file_records
-from dtcollie.errors import ConfigError
+from dtcollie.errors import ConfigError, DataError
 from dtcollie.generation import Sampling, generate
 
 
@@ -151,7 +151,9 @@ def exact_match(model, tokenizer, tasks: list[tuple[str, str]], max_new_tokens: 
     matched, samples = 0, []
     for start in range(0, len(mine), batch_size):
         batch = [task or tasks[0] for task in mine[start:start + batch_size]]
-        prompts = [tokenizer.encode(prompt) or [tokenizer.eos_id] for prompt, _ in batch]
+        # A prompt too long for the model's context keeps its end, room left for the answer.
+        room = model.args.max_seq_len - max_new_tokens
+        prompts = [(tokenizer.encode(prompt) or [tokenizer.eos_id])[-room:] for prompt, _ in batch]
         # Every rank decodes all max_new_tokens steps (no early stop): FSDP forwards must pair up.
         outputs = generate(model, prompts, max_new_tokens, Sampling(), eos_id=tokenizer.eos_id,
                            pad_id=tokenizer.pad_id, stop_early=world == 1)
@@ -193,10 +195,16 @@ class EvalTasks:
         if pp > 1:
             raise ConfigError("[eval] tasks do not run under pipeline parallelism (parallelism.pp > 1) yet; "
                               "evaluate a checkpoint on a layout without pp")
-        choices = read_tasks(eval_cfg.choice_files, "eval.choice_files", "choice") if eval_cfg.choice_files else []
-        generations = read_tasks(eval_cfg.generation_files, "eval.generation_files", "generation") \
-            if eval_cfg.generation_files else []
-        return cls(eval_cfg, choices, generations)
+        if eval_cfg.max_new_tokens >= cfg.training.seq_len:
+            raise ConfigError(f"eval.max_new_tokens ({eval_cfg.max_new_tokens}) leaves no room for a prompt in "
+                              f"training.seq_len ({cfg.training.seq_len}); lower it")
+        tasks = {}
+        for kind, key, files in (("choice", "eval.choice_files", eval_cfg.choice_files),
+                                 ("generation", "eval.generation_files", eval_cfg.generation_files)):
+            tasks[kind] = read_tasks(files, key, kind) if files else []
+            if files and not tasks[kind]:
+                raise DataError(f"{key} hold no task records; add some or remove the files")
+        return cls(eval_cfg, tasks["choice"], tasks["generation"])
 
     def run(self, model, tokenizer, max_len: int, rank: int, world: int, group) -> tuple[dict, list]:
         """({"eval_acc", "eval_acc_norm", "eval_exact_match"} as present, sample generations)."""
