@@ -195,6 +195,11 @@ class EvalTasks:
         if pp > 1:
             raise ConfigError("[eval] tasks do not run under pipeline parallelism (parallelism.pp > 1) yet; "
                               "evaluate a checkpoint on a layout without pp")
+        parallelism = cfg.parallelism
+        if parallelism.tp > 1 and (parallelism.sequence_parallel or parallelism.loss_parallel):
+            # Measured: a rank aborts in the first evaluation with either on (gloo, torch 2.13).
+            raise ConfigError("[eval] tasks under tensor parallelism need parallelism.sequence_parallel = false and "
+                              "parallelism.loss_parallel = false for now")
         if eval_cfg.max_new_tokens >= cfg.training.seq_len:
             raise ConfigError(f"eval.max_new_tokens ({eval_cfg.max_new_tokens}) leaves no room for a prompt in "
                               f"training.seq_len ({cfg.training.seq_len}); lower it")
