@@ -123,29 +123,29 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
     cache = KVCache(args.n_layers, len(prompts), longest + max_new_tokens, args.sliding_window, device) \
         if use_cache else None
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    new = torch.empty(len(prompts), 0, dtype=torch.long, device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    # The step's new slots (the cache holds the rest), and every slot so far (for recomputation).
     step_tokens, step_positions, step_real = tokens, positions, real
+    all_tokens, all_positions = tokens, positions
     for step in range(max_new_tokens):
         if cache is not None:
             cache.begin(step_real)
             logits = model(step_tokens, step_positions, cache=cache)
             cache.advance()
         else:
-            logits = model(torch.cat([tokens, new], dim=1), torch.cat([positions, positions[:, -1:] + 1 +
-                                                                       torch.arange(new.shape[1], device=device)],
-                                                                      dim=1))
+            logits = model(all_tokens, all_positions)
         chosen = next_tokens(logits[:, -1], sampling, generator)
-        new = torch.cat([new, chosen[:, None]], dim=1)
         if on_tokens is not None:
             on_tokens(step, chosen)
+        step_tokens, step_real = chosen[:, None], torch.ones_like(chosen[:, None], dtype=torch.bool)
+        step_positions = positions[:, -1:] + 1 + step
+        all_tokens = torch.cat([all_tokens, step_tokens], dim=1)
+        all_positions = torch.cat([all_positions, step_positions], dim=1)
         if eos_id is not None:
             finished |= chosen == eos_id
             if stop_early and bool(finished.all()):
                 break
-        step_tokens, step_real = chosen[:, None], torch.ones_like(chosen[:, None], dtype=torch.bool)
-        step_positions = positions[:, -1:] + 1 + step
-    return [cut_at_eos(row, eos_id) for row in new.tolist()]
+    return [cut_at_eos(row, eos_id) for row in all_tokens[:, longest:].tolist()]
 
 
 def cut_at_eos(tokens: list[int], eos_id: int | None) -> list[int]:
