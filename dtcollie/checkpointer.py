@@ -17,9 +17,11 @@ DCP metadata (DCP would `torch.load(weights_only=False)` any non-tensor entry):
 Names are the whole model's, whatever the pipeline split, so a checkpoint saved under one layout
 loads under any other. DCP writes into `step-N.partial`, renamed to `step-N` only once complete: a
 crash during a save leaves the previous checkpoint intact, and the next start removes the partial
-folder with a warning. A model-only checkpoint (`checkpoint.model_only`, at the end) holds just the
-weights under their plain names, the format `checkpoint.initial_load_path` takes. Every checkpoint
-folder also holds `model_args.json` (and `lora.json` for LoRA runs), so the tools can read it alone.
+folder with a warning. At the end of a run the trained model alone goes to `<dump_folder>/weights`
+(`checkpoint.save_weights`): the weights under their plain names, the format
+`checkpoint.initial_load_path`, the converters and `dtcollie.generate` take. Every checkpoint and
+weights folder also holds `model_args.json` (and `lora.json` for LoRA runs) and the run's tokenizer
+files, so the tools can read it alone.
 """
 
 import json
@@ -102,6 +104,23 @@ def _unprefixed(prefix: str, entries: dict) -> dict:
     return {key[len(prefix) + 1:]: value for key, value in entries.items() if key.startswith(f"{prefix}.")}
 
 
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoint folders under `folder`, oldest first."""
+    found = [(int(m.group(1)), p) for p in folder.glob("step-*")
+             if (m := _STEP_FOLDER.fullmatch(p.name)) and (p / ".metadata").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step of a `step-N` checkpoint folder."""
+    return int(_STEP_FOLDER.fullmatch(folder.name).group(1))
+
+
+def latest_resumable(folder: Path) -> Path | None:
+    """The newest complete resumable checkpoint under `folder` (a run's checkpoints/), or None."""
+    return next((p for p in reversed(complete_checkpoints(folder)) if is_resumable(p)), None)
+
+
 class Checkpointer:
     """Saves and finds checkpoints of one run; every rank calls `save` (DCP is collective)."""
 
@@ -121,30 +140,25 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return self.enabled and step % self.cfg.interval == 0
 
-    def latest(self) -> Path | None:
-        """The newest complete resumable checkpoint; partial folders are removed (rank 0) with a warning."""
-        if not self.folder.is_dir():
-            return None
+    def remove_partial(self) -> None:
+        """Drop the folders of interrupted saves (rank 0), with a warning on every rank."""
         for partial in sorted(self.folder.glob(f"step-*{PARTIAL_SUFFIX}")):
             log.warning("ignoring incomplete checkpoint %s (a save was interrupted); removing it", partial)
             if self.rank == 0:
                 shutil.rmtree(partial, ignore_errors=True)
-        for folder in reversed(self.complete()):
-            if is_resumable(folder):
-                return folder
-        return None
-
-    def complete(self) -> list[Path]:
-        """Complete checkpoint folders, oldest first."""
-        found = [(int(m.group(1)), p) for p in self.folder.glob("step-*")
-                 if (m := _STEP_FOLDER.fullmatch(p.name)) and (p / ".metadata").is_file()]
-        return [p for _, p in sorted(found)]
 
     def save(self, step: int, state: dict[str, torch.Tensor], write_files=None) -> None:
         """Write `state` to step-<step> (atomically); with async_mode the write finishes in the
         background. `write_files(folder)`, run on rank 0, adds small files (model_args.json, ...)."""
+        self._write(self.folder / f"step-{step}", state, write_files, self.cfg.async_mode == "async")
+        self.last_saved_step = step
+
+    def save_weights(self, folder: Path, state: dict[str, torch.Tensor], write_files) -> None:
+        """The trained model alone into `folder` (atomically, replacing an older one), synchronously."""
+        self._write(folder, state, write_files, background=False)
+
+    def _write(self, final: Path, state: dict[str, torch.Tensor], write_files, background: bool) -> None:
         self.wait()
-        final = self.folder / f"step-{step}"
         partial = final.with_name(final.name + PARTIAL_SUFFIX)
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
@@ -154,14 +168,13 @@ class Checkpointer:
         self._barrier()
         writer = FileSystemWriter(partial)
         with single_process_dcp():
-            if self.cfg.async_mode == "async":
+            if background:
                 future = dcp.async_save(state, storage_writer=writer, process_group=self.async_group,
                                         no_dist=not self.use_dist)
                 self.pending = (future, partial, final)
             else:
                 dcp.save(state, storage_writer=writer, no_dist=not self.use_dist)
                 self._publish(partial, final)
-        self.last_saved_step = step
 
     def wait(self) -> None:
         """Finish (and publish) an async save in flight."""
@@ -191,7 +204,7 @@ class Checkpointer:
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
             keep = self.cfg.keep_latest_k
-            for old in self.complete()[:-keep] if keep else []:
+            for old in complete_checkpoints(self.folder)[:-keep] if keep else []:
                 shutil.rmtree(old, ignore_errors=True)
         self._barrier()
 
@@ -200,10 +213,13 @@ class Checkpointer:
             dist.barrier()
 
 
-def training_state(trainer, model_only: bool = False) -> dict[str, torch.Tensor]:
+def weights_state(parts: list) -> dict[str, torch.Tensor]:
+    """This rank's share of the whole model's weights, under their plain names (a weights folder)."""
+    return {name: t for part in parts for name, t in model_state_dict(part).items()}
+
+
+def training_state(trainer) -> dict[str, torch.Tensor]:
     """The flat tensor dict a checkpoint holds for this rank (see the module docstring)."""
-    if model_only:
-        return {name: t for part in trainer.model.parts for name, t in model_state_dict(part).items()}
     state = {**_prefixed("model", trainable_state(trainer.model.parts)),
              **_prefixed("optimizer", optimizer_state(trainer.optimizer, trainer.model.parts)),
              "lr_scheduler": json_tensor(trainer.scheduler.state_dict()),

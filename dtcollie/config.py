@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +18,17 @@ from typing import Any, get_type_hints
 from dtcollie.errors import ConfigError
 
 BF16_COMPUTE = ("bf16", "bf16_weights")  # the training.mixed_precision values whose math runs in bf16
+# Input paths starting with this name the files shipped inside the package, wherever it is installed.
+ASSETS_PREFIX = "dtcollie/assets/"
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+# option(path=...): an input path; WEIGHTED: "PATH" or "PATH:WEIGHT" entries, whose PATH part is resolved.
+PATH, WEIGHTED = "path", "weighted"
 
 
-def option(default, doc: str, choices: tuple = (), minimum=None):
-    """A config field with its one-line doc, allowed choices and lower bound (inclusive)."""
-    meta = {"doc": doc, "choices": choices, "minimum": minimum}
+def option(default, doc: str, choices: tuple = (), minimum=None, path: str | None = None):
+    """A config field with its one-line doc, allowed choices, lower bound (inclusive) and whether it
+    holds input paths (resolved by `load`, see `resolve_path`)."""
+    meta = {"doc": doc, "choices": choices, "minimum": minimum, "path": path}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -29,14 +36,19 @@ def option(default, doc: str, choices: tuple = (), minimum=None):
 
 @dataclass
 class Job:
-    dump_folder: str = option("./outputs/debug", "run folder: config.toml, metrics.jsonl, tb/, checkpoints/")
+    dump_folder: str = option("./outputs/debug", "run folder (one run each): config.toml, metrics.jsonl, tb/, "
+                              "checkpoints/, weights/; a run started again there resumes from its latest "
+                              "checkpoint")
     seed: int = option(42, "seed for the initial weights and the data order", minimum=0)
+    overwrite: bool = option(False, "replace the run already in dump_folder (its config.toml, metrics, tb/, "
+                             "checkpoints/ and weights/) instead of resuming it or refusing to start")
 
 
 @dataclass
 class Model:
     flavor: str = option("debug", "named model shape (see dtcollie.models.llama.FLAVORS)")
-    args_path: str = option("", "model_args.json (from convert_hf_to_dcp) or HF config.json; overrides flavor")
+    args_path: str = option("", "model_args.json (from convert_hf_to_dcp) or HF config.json; overrides flavor",
+                            path=PATH)
     attention: str = option("sdpa", "attention kernel: sdpa (any device) or flash (flash-attn, CUDA)",
                             choices=("sdpa", "flash"))
 
@@ -133,22 +145,26 @@ class LRScheduler:
 
 @dataclass
 class Data:
-    tokenizer: str = option("dtcollie/assets/tokenizer", "folder with tokenizer.json")
+    tokenizer: str = option("dtcollie/assets/tokenizer", "folder with tokenizer.json", path=PATH)
     kind: str = option("pretrain", "pretrain: packed text; sft: input/output pairs, loss on outputs; chat: "
                        "conversations (messages or ShareGPT conversations) rendered with the tokenizer's chat "
                        "template, loss on assistant turns; tokens: pre-training streamed from token-shard corpora "
                        "(tools/tokenize_corpus.py)", choices=("pretrain", "sft", "chat", "tokens"))
-    train_files: list = option(["dtcollie/assets/text/*.txt"], "files or globs (.txt, .jsonl, .parquet)")
-    val_files: list = option([], "validation files or globs; empty: hold out val_fraction of train documents")
+    train_files: list = option(["dtcollie/assets/text/*.txt"], "files or globs (.txt, .jsonl, .parquet)",
+                              path=PATH)
+    val_files: list = option([], "validation files or globs; empty: hold out val_fraction of train documents",
+                            path=PATH)
     hf_dataset: str = option("", "a local Hugging Face dataset instead of train_files/val_files: a save_to_disk "
-                             "folder, a dataset folder, or .parquet/.arrow/.json/.jsonl/.csv files or a glob")
+                             "folder, a dataset folder, or .parquet/.arrow/.json/.jsonl/.csv files or a glob",
+                             path=PATH)
     hf_split: str = option("train", "hf_dataset: the split to train on")
     hf_val_split: str = option("", "hf_dataset: the validation split; empty: hold out val_fraction of hf_split")
     val_fraction: float = option(0.02, "documents held out for validation when val_files is empty",
                                  minimum=0.0)
     sources: list = option([], "tokens: corpus folders, each FOLDER or FOLDER:WEIGHT (a weighted mixture; "
-                           "default weight 1)")
-    val_sources: list = option([], "tokens: validation corpus folders (FOLDER or FOLDER:WEIGHT), read in order")
+                           "default weight 1)", path=WEIGHTED)
+    val_sources: list = option([], "tokens: validation corpus folders (FOLDER or FOLDER:WEIGHT), read in order",
+                               path=WEIGHTED)
     text_field: str = option("text", "jsonl field with the document text (pretrain)")
     input_field: str = option("input", "jsonl field with the prompt (sft)")
     output_field: str = option("output", "jsonl field with the answer (sft)")
@@ -156,7 +172,8 @@ class Data:
                                "(each example attends only to itself, positions restart per example)")
     document_mask: bool = option(False, "pretrain, tokens: attention and RoPE positions restart at every document "
                                  "(after each EOS) in a sequence; false: attend across documents")
-    chat_template: str = option("", "chat: a Jinja chat template file to use instead of the tokenizer's own")
+    chat_template: str = option("", "chat: a Jinja chat template file to use instead of the tokenizer's own",
+                                path=PATH)
     chat_last_turn_only: bool = option(False, "chat: train on the last assistant turn only (default: on every one)")
     skip_bad_lines: bool = option(False, "skip malformed jsonl lines (and log their count) instead of failing")
     num_workers: int = option(0, "data-loader worker processes", minimum=0)
@@ -165,9 +182,10 @@ class Data:
 @dataclass
 class Eval:
     choice_files: list = option([], "jsonl files {question, choices, answer}: multiple-choice accuracy (acc, "
-                                "acc_norm, by log-likelihood as lm-eval), at every training.eval_interval")
+                                "acc_norm, by log-likelihood as lm-eval), at every training.eval_interval",
+                                path=PATH)
     generation_files: list = option([], "jsonl files {prompt, answer}: greedy generation exact match, at every "
-                                    "training.eval_interval")
+                                    "training.eval_interval", path=PATH)
     max_new_tokens: int = option(32, "generation_files: tokens generated per prompt at most", minimum=1)
     batch_size: int = option(8, "rows per evaluation forward on each data-parallel rank", minimum=1)
     samples: int = option(3, "generations logged as TensorBoard text (eval/samples) at each evaluation", minimum=0)
@@ -175,13 +193,15 @@ class Eval:
 
 @dataclass
 class Checkpoint:
-    initial_load_path: str = option("", "DCP folder with model weights to start from (convert_hf_to_dcp output)")
+    initial_load_path: str = option("", "DCP folder with model weights to start from (convert_hf_to_dcp output)",
+                                    path=PATH)
     interval: int = option(0, "save a resumable checkpoint to <dump_folder>/checkpoints/step-N every this many "
                            "steps and at the end (0: never); a run started again with the same dump_folder "
                            "resumes from the latest one", minimum=0)
     keep_latest_k: int = option(3, "keep only this many latest checkpoints (0: keep all)", minimum=0)
-    model_only: bool = option(False, "the checkpoint at the end of training holds only the model weights (an "
-                              "export, as initial_load_path takes; not resumable)")
+    save_weights: bool = option(True, "at the end, save the trained model alone to <dump_folder>/weights (with "
+                                "model_args.json and the tokenizer files): what tools/convert_dcp_to_hf.py, "
+                                "dtcollie.generate and initial_load_path take")
     async_mode: str = option("disabled", "disabled: the loop waits for each save; async: DCP writes in a background "
                              "thread while training goes on", choices=("disabled", "async"))
 
@@ -274,7 +294,35 @@ def _parse_cli_value(text: str, kind: type):
         return text
 
 
-def _set(config: JobConfig, dotted: str, value, from_cli: bool) -> None:
+def resolve_path(value: str, base: Path) -> str:
+    """An input path as the run uses it: `dtcollie/assets/...` inside the package; a relative path
+    from `base` (the config file's folder, or the working directory for command-line values); made
+    absolute, so the run's saved config.toml means the same files from anywhere."""
+    if not value:
+        return value
+    if value.startswith(ASSETS_PREFIX):
+        return str(PACKAGE_PARENT / value)
+    return os.path.normpath(base / Path(value).expanduser())
+
+
+def _resolve_weighted(entry: str, base: Path) -> str:
+    """"PATH:WEIGHT" keeps its weight; anything else is all path (a bad weight is the data's error)."""
+    path, sep, weight = entry.rpartition(":")
+    try:
+        float(weight)
+    except ValueError:
+        return resolve_path(entry, base)
+    return resolve_path(path, base) + sep + weight if path else resolve_path(entry, base)
+
+
+def _resolved(value, kind: str | None, base: Path):
+    if kind is None:
+        return value
+    resolve = _resolve_weighted if kind == WEIGHTED else resolve_path
+    return [resolve(v, base) for v in value] if isinstance(value, list) else resolve(value, base)
+
+
+def _set(config: JobConfig, dotted: str, value, base: Path, from_cli: bool) -> None:
     section_name, _, key = dotted.partition(".")
     sections = _section_fields(config)
     if section_name not in sections:
@@ -287,7 +335,7 @@ def _set(config: JobConfig, dotted: str, value, from_cli: bool) -> None:
     kind = get_type_hints(type(section))[key]
     if from_cli:
         value = _parse_cli_value(value, kind)
-    setattr(section, key, _coerce(dotted, value, kind))
+    setattr(section, key, _resolved(_coerce(dotted, value, kind), fields[key].metadata["path"], base))
 
 
 def _check_values(config: JobConfig) -> None:
@@ -342,8 +390,13 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]
 
 
 def load(path: str | None = None, overrides: list[tuple[str, str]] = ()) -> JobConfig:
-    """Defaults, then the TOML file, then command-line overrides; checked."""
+    """Defaults, then the TOML file, then command-line overrides; checked. Input paths are resolved
+    (see `resolve_path`): the file's from its folder, the overrides' from the working directory."""
     config = JobConfig()
+    for section_name in _section_fields(config):
+        section = getattr(config, section_name)
+        for f in dataclasses.fields(section):
+            setattr(section, f.name, _resolved(getattr(section, f.name), f.metadata["path"], Path.cwd()))
     if path:
         try:
             data = tomllib.loads(Path(path).read_text())
@@ -358,9 +411,9 @@ def load(path: str | None = None, overrides: list[tuple[str, str]] = ()) -> JobC
                 raise ConfigError(f"unknown section [{section_name}] in {path}"
                                   f"{_suggest(section_name, _section_fields(config))}")
             for key, value in table.items():
-                _set(config, f"{section_name}.{key}", value, False)
+                _set(config, f"{section_name}.{key}", value, Path(os.path.abspath(path)).parent, False)
     for dotted, value in overrides:
-        _set(config, dotted, value, True)
+        _set(config, dotted, value, Path.cwd(), True)
     _check_values(config)
     return config
 

@@ -1,7 +1,7 @@
 """A model for inference from any checkpoint dtcollie reads, on one process or tensor-parallel.
 
 Checkpoints: a Hugging Face folder (config.json + safetensors), a dtcollie weights folder (the
-converter's output, or a `model_only` checkpoint) or a training checkpoint
+converter's output, or a run's `<dump_folder>/weights`) or a training checkpoint
 (`<dump_folder>/checkpoints/step-N`); the last two carry `model_args.json`. A LoRA checkpoint
 (`lora.json` beside it) is merged into its base weights (W + scale * B A): `base`, or the run's
 `checkpoint.initial_load_path` read from `<dump_folder>/config.toml`.

@@ -65,7 +65,11 @@ def format_duration(seconds: float) -> str:
 class MetricsLogger:
     """Writes records on the logging rank; other ranks hold a logger that writes nothing."""
 
-    def __init__(self, dump_folder: str, enable_tensorboard: bool, enabled: bool = True):
+    def __init__(self, dump_folder: str, enable_tensorboard: bool, enabled: bool = True,
+                 resumed_step: int | None = None):
+        """`resumed_step`: the run continues after this step, so records of later steps (written
+        after its checkpoint, before the run stopped) are dropped from both records, which then
+        hold each step once."""
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
@@ -73,11 +77,15 @@ class MetricsLogger:
             return
         folder = Path(dump_folder)
         folder.mkdir(parents=True, exist_ok=True)
+        if resumed_step is not None and (folder / "metrics.jsonl").is_file():
+            kept = [json.dumps(r) + "\n" for r in read_records(folder) if r["step"] <= resumed_step]
+            (folder / "metrics.jsonl").write_text("".join(kept))
         self.jsonl = open(folder / "metrics.jsonl", "a")
         if enable_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(folder / "tb"))
+            purge = None if resumed_step is None else resumed_step + 1
+            self.writer = SummaryWriter(log_dir=str(folder / "tb"), purge_step=purge)
 
     def log(self, step: int, record: dict) -> None:
         """Append one record to metrics.jsonl and TensorBoard (keys in TENSORBOARD_TAGS)."""

@@ -7,12 +7,14 @@ the same numbers as one big batch.
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import logging
 import math
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,7 +23,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from dtcollie import config as config_module
-from dtcollie.checkpointer import Checkpointer, resume, training_state
+from dtcollie.checkpointer import Checkpointer, checkpoint_step, resume, training_state, weights_state
 from dtcollie.cli import run_main
 from dtcollie.config import ConfigError, JobConfig
 from dtcollie.evals import EvalTasks, WholeLogits
@@ -29,8 +31,9 @@ from dtcollie.errors import DataError
 from dtcollie.data import build_dataloader, load_tokenizer
 from dtcollie.loss import IGNORE_INDEX, cross_entropy_sum, sample_labels
 from dtcollie.lr import build_lr_scheduler
-from dtcollie.metrics import MetricsLogger, Throughput, console_line, peak_flops, peak_memory_gib
+from dtcollie.metrics import MetricsLogger, Throughput, console_line, format_duration, peak_flops, peak_memory_gib
 from dtcollie.models.hf import MODEL_ARGS_FILE, load_model_args, save_model_args
+from dtcollie.models.hf_files import copy_generation_config, copy_tokenizer_files
 from dtcollie.optim import SophiaG
 from dtcollie.optim.build import FUSED_OPTIMIZERS, build_optimizer
 from dtcollie.peft import save_lora_config
@@ -40,6 +43,7 @@ from dtcollie.parallel.mesh import ParallelDims
 from dtcollie.parallel.pipeline import build_schedule
 from dtcollie.parallel.reduce import clip_global_grad_norm, sum_over
 from dtcollie.parallel.tied import TiedPipelineEmbedding
+from dtcollie.run_folder import RUN_CONFIG, describe_run_start, plan_run_start, remove_old_run
 
 logger = logging.getLogger("dtcollie")
 
@@ -53,7 +57,9 @@ def pick_device(choice: str) -> torch.device:
 
 
 def model_args_for(cfg: JobConfig, vocab_size: int) -> ModelArgs:
-    """The flavor (or the args file), with the tokenizer's vocabulary and this run's settings."""
+    """The flavor (or the args file), with the tokenizer's vocabulary and this run's attention kernel.
+    `max_seq_len` stays the model's own context (at least training.seq_len): it is what the saved
+    model_args.json and an HF export say; the trainer builds its RoPE tables for seq_len only."""
     if cfg.model.args_path:
         args = load_model_args(cfg.model.args_path)
     elif cfg.model.flavor in FLAVORS:
@@ -66,8 +72,7 @@ def model_args_for(cfg: JobConfig, vocab_size: int) -> ModelArgs:
     elif vocab_size > args.vocab_size:
         raise ConfigError(f"the tokenizer has {vocab_size} tokens but the model's vocabulary has only "
                           f"{args.vocab_size}; use the model's own tokenizer (data.tokenizer)")
-    # The RoPE tables only need to cover the training length.
-    args.max_seq_len = cfg.training.seq_len
+    args.max_seq_len = max(args.max_seq_len, cfg.training.seq_len)
     args.attention = cfg.model.attention
     return args
 
@@ -107,8 +112,11 @@ class Trainer:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.dims = ParallelDims.from_config(cfg.parallelism, world_size)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        self.model_args = model_args_for(cfg, self.tokenizer.vocab_size)
+        self.saved_args = model_args_for(cfg, self.tokenizer.vocab_size)
+        # The RoPE tables only need to cover the training length.
+        self.model_args = dataclasses.replace(self.saved_args, max_seq_len=training.seq_len)
         check_layout(cfg, self.model_args, self.dims, self.device)
+        self.run_start = plan_run_start(cfg)
         # Everything above is checked identically on every rank; from here on ranks communicate.
         self.mesh = None
         if world_size > 1:
@@ -117,6 +125,7 @@ class Trainer:
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             self.mesh = self.dims.build_mesh(self.device.type)
+            dist.barrier()  # every rank has read the run folder before rank 0 changes it
         torch.manual_seed(cfg.job.seed)
         self.model = parallelize_model(cfg, self.model_args, self.dims, self.mesh)
         materialize(self.model, self.model_args, cfg.checkpoint.initial_load_path, self.device, cfg.job.seed)
@@ -141,16 +150,39 @@ class Trainer:
         # Multi-process layouts use FSDP's mixed-precision policy; one process uses autocast.
         use_autocast = training.mixed_precision == "bf16" and self.mesh is None
         self.autocast_dtype = torch.bfloat16 if use_autocast else None
-        self.metrics = MetricsLogger(cfg.job.dump_folder, cfg.metrics.enable_tensorboard, enabled=self.rank == 0)
         self.step = 0
+        self.last_losses = {}  # the latest train and val loss, for the closing summary
         self.global_label_tokens = 1
         self.sampling_key = None  # set during Sophia's Hessian pass
+        resumed = self.run_start.resume_from
+        self.start_run_folder()
+        self.metrics = MetricsLogger(cfg.job.dump_folder, cfg.metrics.enable_tensorboard, enabled=self.rank == 0,
+                                     resumed_step=None if resumed is None else checkpoint_step(resumed))
+        self.metrics.console(self.weights_origin())
         self.checkpointer = Checkpointer(cfg.checkpoint, cfg.job.dump_folder, self.rank, use_dist=self.mesh is not None)
-        latest = self.checkpointer.latest() if self.checkpointer.enabled else None
-        if latest is not None:
-            resume(self, latest)
+        self.checkpointer.remove_partial()
+        if resumed is not None:
+            resume(self, resumed)
             self.checkpointer.last_saved_step = self.step
-            self.metrics.console(f"resumed from {latest} at step {self.step}")
+            self.metrics.console(describe_run_start(self.run_start, training.steps))
+
+    def start_run_folder(self) -> None:
+        """Rank 0 clears a replaced run and writes this run's config.toml; every rank then waits."""
+        folder = Path(self.cfg.job.dump_folder)
+        if self.rank == 0:
+            if self.run_start.replace_old:
+                remove_old_run(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / RUN_CONFIG).write_text(config_module.to_toml(self.cfg))
+        if self.mesh is not None:
+            dist.barrier()
+
+    def weights_origin(self) -> str:
+        path = self.cfg.checkpoint.initial_load_path
+        if path:
+            return f"initial weights: loaded from {path}"
+        return f"initial weights: random (job.seed {self.cfg.job.seed}; set checkpoint.initial_load_path to start " \
+               f"from a model)"
 
     def build_schedule(self):
         parallelism = self.cfg.parallelism
@@ -307,16 +339,8 @@ class Trainer:
                 f"**prompt** {prompt}  \n**answer** {answer}  \n**generated** {completion}"
                 for prompt, answer, completion in samples))
 
-    def write_run_config(self) -> None:
-        if self.rank != 0:
-            return
-        folder = Path(self.cfg.job.dump_folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.toml").write_text(config_module.to_toml(self.cfg))
-
     def train(self) -> None:
         cfg, training = self.cfg, self.cfg.training
-        self.write_run_config()
         with torch.device("meta"):
             whole = Transformer(self.model_args)
         params = count_parameters(whole)
@@ -329,26 +353,54 @@ class Trainer:
                              f"{training.seq_len} tokens ({self.accumulation_steps} micro-batches of "
                              f"{training.micro_batch_size} per data-parallel rank) | dump {cfg.job.dump_folder}")
         batches = self.train_loader.batches()
+        started = time.monotonic()
         with StopFlag() as stop:
             self.run_steps(batches, throughput, stop)
             if self.checkpointer.enabled and self.checkpointer.last_saved_step != self.step:
-                self.save_checkpoint(final=self.step == training.steps)
+                self.save_checkpoint()
             self.checkpointer.wait()
-        if stop.signal_name is not None:
-            self.metrics.console(f"stopped by {stop.signal_name} after step {self.step}")
+            finished = self.step == training.steps
+            if finished and cfg.checkpoint.save_weights:
+                self.checkpointer.save_weights(self.weights_folder, weights_state(self.model.parts),
+                                               self.write_model_files)
+        self.metrics.console(self.summary(time.monotonic() - started, stop.signal_name))
         self.metrics.close()
 
-    def save_checkpoint(self, final: bool = False) -> None:
-        model_only = final and self.cfg.checkpoint.model_only
-        self.checkpointer.save(self.step, training_state(self, model_only), self.write_model_files)
-        self.metrics.console(f"checkpoint step-{self.step} saved{' (model only)' if model_only else ''}")
+    @property
+    def weights_folder(self) -> Path:
+        return Path(self.cfg.job.dump_folder) / "weights"
+
+    def summary(self, seconds: float, signal_name: str | None) -> str:
+        """The closing lines: how far the run got, its last losses and where its outputs are."""
+        cfg, folder = self.cfg, Path(self.cfg.job.dump_folder)
+        losses = " | ".join(f"{name} {value:.4f}" for name, value in self.last_losses.items())
+        how = "finished" if signal_name is None else f"stopped by {signal_name}"
+        lines = [f"run {how}: step {self.step} of {cfg.training.steps} in {format_duration(seconds)}"
+                 + (f" | {losses}" if losses else "")]
+        if self.step == cfg.training.steps and cfg.checkpoint.save_weights:
+            lines.append(f"  weights      {self.weights_folder}  (convert: python tools/convert_dcp_to_hf.py --dcp "
+                         f"{self.weights_folder} --out HF_FOLDER)")
+        if self.checkpointer.last_saved_step is not None:
+            lines.append(f"  checkpoint   {self.checkpointer.folder / f'step-{self.checkpointer.last_saved_step}'}"
+                         + ("  (the same command resumes it)" if self.step < cfg.training.steps else ""))
+        lines.append(f"  metrics      {folder / 'metrics.jsonl'}")
+        if cfg.metrics.enable_tensorboard:
+            lines.append(f"  TensorBoard  tensorboard --logdir {folder / 'tb'}")
+        return "\n".join(lines)
+
+    def save_checkpoint(self) -> None:
+        self.checkpointer.save(self.step, training_state(self), self.write_model_files)
+        self.metrics.console(f"checkpoint step-{self.step} saved")
 
     def write_model_files(self, folder: Path) -> None:
-        """What the weights in a checkpoint folder are: the model's shape, and the LoRA settings."""
-        save_model_args(self.model_args, folder / MODEL_ARGS_FILE)
+        """What the weights in a checkpoint or weights folder are: the model's shape (with its own
+        context length), the LoRA settings, the tokenizer and the generation config."""
+        save_model_args(self.saved_args, folder / MODEL_ARGS_FILE)
         lora = lora_settings(self.cfg)
         if lora is not None:
             save_lora_config(folder, lora)
+        copy_tokenizer_files(self.cfg.data.tokenizer, folder)
+        copy_generation_config([self.cfg.data.tokenizer, self.cfg.checkpoint.initial_load_path], folder)
 
     def agreed_stop(self, stop: StopFlag) -> bool:
         """Whether any rank was signalled: all ranks must leave the loop after the same step."""
@@ -370,12 +422,14 @@ class Trainer:
                           "layout": self.dims.describe()}
                 self.metrics.log(self.step, record)
                 self.metrics.console(console_line(self.step, training.steps, record))
+            self.last_losses["train loss"] = loss
             if self.checkpointer.due(self.step):
-                self.save_checkpoint(final=self.step == training.steps)
+                self.save_checkpoint()
             due = training.eval_interval and (self.step % training.eval_interval == 0 or self.step == training.steps)
             if self.val_loader is not None and due:
                 result = self.evaluate()
                 self.metrics.log(self.step, result)
+                self.last_losses["val loss"] = result["val_loss"]
                 self.metrics.console(f"validation at step {self.step} | loss {result['val_loss']!r} | "
                                      f"perplexity {result['val_perplexity']:.3f}")
             if self.eval_tasks is not None and due:

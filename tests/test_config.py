@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +21,26 @@ def test_precedence_defaults_toml_cli(tmp_path):
     assert cfg.training.seq_len == 64  # TOML over default
     assert cfg.optimizer.lr == 1e-3
     assert cfg.training.micro_batch_size == config.Training().micro_batch_size
-    assert cfg.data.train_files == ["a.txt", "b/*.jsonl"]
+    assert cfg.data.train_files == [str(Path.cwd() / "a.txt"), str(Path.cwd() / "b/*.jsonl")]
+
+
+def test_input_paths_resolve_from_the_config_folder_the_working_directory_or_the_package(tmp_path, monkeypatch):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    path = write(folder, '[data]\ntokenizer = "../tok"\nval_files = ["/abs/v.jsonl", "val/*.jsonl"]\n'
+                         'sources = ["corpus:2.5", "other"]\n[checkpoint]\ninitial_load_path = "dcp"\n')
+    monkeypatch.chdir(tmp_path / "configs")
+    cfg = config.load(path, [("model.args_path", "args.json"), ("eval.choice_files", "dtcollie/assets/x.jsonl")])
+    assert cfg.data.tokenizer == str(tmp_path / "tok")
+    assert cfg.data.val_files == ["/abs/v.jsonl", str(folder / "val/*.jsonl")]
+    assert cfg.data.sources == [f"{folder / 'corpus'}:2.5", str(folder / "other")]
+    assert cfg.checkpoint.initial_load_path == str(folder / "dcp")
+    assert cfg.model.args_path == str(folder / "args.json")  # command line: the working directory
+    package = Path(config.__file__).resolve().parent
+    assert cfg.eval.choice_files == [str(package / "assets/x.jsonl")]
+    assert cfg.data.train_files == [str(package / "assets/text/*.txt")]  # the embedded default
+    assert Path(cfg.data.tokenizer).is_absolute() and cfg.job.dump_folder == "./outputs/debug"  # outputs: as given
+    assert config.load(None, []).data.tokenizer == str(package / "assets/tokenizer")
 
 
 def test_cli_forms():
@@ -70,7 +90,7 @@ def test_entry_point_reports_one_line_and_exit_2(tmp_path):
 
 
 def test_shipped_configs_load_and_debug_is_the_default():
-    assert config.load("train_configs/debug.toml") == config.JobConfig()
+    assert config.load("train_configs/debug.toml") == config.load()
     assert config.load("train_configs/7b.toml").model.flavor == "llama2_7b"
     assert config.load("train_configs/debug_sft.toml").data.kind == "sft"
     layouts = {name: config.load(f"train_configs/{name}.toml").parallelism for name in ("13b", "llama3_8b", "70b")}

@@ -50,7 +50,7 @@ def test_one_process_and_tp2_print_the_same_greedy_text(trained, tmp_path):
 
 @pytest.mark.parametrize("arguments, message", [
     (["--checkpoint", "nowhere", "--prompt", "x"], "checkpoint nowhere is not a folder"),
-    (["--prompt", "word " * 3000, "--max-new-tokens", "8"], r"exceeds the model's max_seq_len \(128\)"),
+    (["--prompt", "word " * 3000, "--max-new-tokens", "8"], r"exceeds the model's max_seq_len \(2048\)"),
     (["--chat", "--prompt", "hi"], "has no chat template"),
     (["--prompt", "x", "--top-p", "0"], "0 < top_p <= 1"),
 ], ids=["missing_checkpoint", "prompt_too_long", "chat_without_template", "bad_top_p"])

@@ -123,7 +123,7 @@ def test_sigterm_finishes_the_step_and_exits_cleanly(tmp_path):
     out, err = process.communicate(timeout=60)
     watchdog.cancel()
     assert process.returncode == 0, err
-    assert "stopped by SIGTERM after step" in out
+    assert "run stopped by SIGTERM: step " in out and f"metrics      {tmp_path / 'metrics.jsonl'}" in out
     steps = [r["step"] for r in read_records(tmp_path)]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) < 100
 

@@ -7,7 +7,7 @@ adapter_model.safetensors that peft.PeftModel.from_pretrained loads. With --merg
 writes the merged model (W + scale * B A) as a full HF Llama folder; a training checkpoint holds only
 the adapters, so merging it needs --base, the base weights' DCP folder the run started from.
 Usage: python tools/export_lora.py --checkpoint DCP_DIR --out PEFT_DIR [--merge-into HF_DIR
---base BASE_DCP_DIR] [--base-model NAME] [--force]
+--base BASE_DCP_DIR] [--base-model NAME] [--tokenizer FOLDER] [--force]
 """
 
 import argparse
@@ -23,6 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--merge-into", help="also write the merged model as an HF folder here")
     parser.add_argument("--base", help="base weights' DCP folder (convert_hf_to_dcp output), to merge a training "
                         "checkpoint that holds only the adapters")
+    parser.add_argument("--tokenizer", help="tokenizer folder to ship with both folders (default: the checkpoint's own)")
     parser.add_argument("--base-model", default="",
                         help="base_model_name_or_path recorded in adapter_config.json (default: empty)")
     parser.add_argument("--force", action="store_true",
@@ -32,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     opts = parse_args(argv)
-    args, config = export_lora(opts.checkpoint, opts.out, opts.merge_into, opts.base_model, opts.force, opts.base)
+    args, config = export_lora(opts.checkpoint, opts.out, opts.merge_into, opts.base_model, opts.force, opts.base,
+                               opts.tokenizer)
     merged = f"; merged model in {opts.merge_into}" if opts.merge_into else ""
     print(f"wrote {opts.out}: LoRA rank {config.rank} on {', '.join(config.target_modules)} of a "
           f"{args.n_layers}-layer model{merged}")

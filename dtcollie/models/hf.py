@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file
 from dtcollie.checkpoint import (check_shapes, load_weights_as_stored, model_state_dict, prepare_output_folder,
                                  save_model_weights)
 from dtcollie.errors import CheckpointError, ConfigError
+from dtcollie.models.hf_files import (GENERATION_CONFIG, TOKENIZER_FILES, copy_generation_config,
+                                      copy_tokenizer_files, find_tokenizer, special_token_ids, write_side_files)
 from dtcollie.models.llama import FAMILIES, ModelArgs, Transformer
 
 CONFIG_FILE = "config.json"
@@ -30,8 +32,8 @@ MODEL_ARGS_FILE = "model_args.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 # What `save_hf` writes, so a forced overwrite can clear a previous export first: a stale
 # `model.safetensors` next to a new index would be picked up by transformers instead of the shards.
-HF_OUTPUT_PATTERNS = (CONFIG_FILE, "model*.safetensors", INDEX_FILE)
-DCP_OUTPUT_PATTERNS = (".metadata", "*.distcp", MODEL_ARGS_FILE)
+HF_OUTPUT_PATTERNS = (CONFIG_FILE, "model*.safetensors", INDEX_FILE, GENERATION_CONFIG, *TOKENIZER_FILES)
+DCP_OUTPUT_PATTERNS = (".metadata", "*.distcp", MODEL_ARGS_FILE, GENERATION_CONFIG, *TOKENIZER_FILES)
 
 # model_type: (transformers config class, causal-LM architecture), one per dtcollie family.
 HF_FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
@@ -140,11 +142,9 @@ def _rope_from_hf(cfg: dict, max_seq_len: int) -> tuple[float, dict]:
     return theta, scaling
 
 
-def hf_config_from_args(args: ModelArgs, dtype: torch.dtype | None = None) -> dict:
-    """The HF config dict of `args`'s family, as transformers itself would write it.
-
-    bos/eos token ids are left unset: they belong to the tokenizer, which ModelArgs does not know.
-    """
+def hf_config_from_args(args: ModelArgs, dtype: torch.dtype | None = None, token_ids: dict | None = None) -> dict:
+    """The HF config dict of `args`'s family, as transformers itself would write it; `token_ids`
+    (bos/eos/pad_token_id) come from the tokenizer, which ModelArgs does not know (unset without)."""
     if args.vocab_size <= 0:
         raise ConfigError("model vocab_size is unset; an HF config needs the real vocabulary size")
     rope = {"rope_type": "llama3" if args.rope_scaling else "default", "rope_theta": args.rope_theta,
@@ -156,8 +156,8 @@ def hf_config_from_args(args: ModelArgs, dtype: torch.dtype | None = None) -> di
         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
         head_dim=args.attention_head_dim, max_position_embeddings=args.max_seq_len, rms_norm_eps=args.norm_eps,
         tie_word_embeddings=args.tie_embeddings, rope_parameters=rope, architectures=[HF_FAMILIES[args.family][1]],
-        bos_token_id=None, eos_token_id=None, dtype=str(dtype).removeprefix("torch.") if dtype else None,
-        **family_keys)
+        dtype=str(dtype).removeprefix("torch.") if dtype else None,
+        **{"bos_token_id": None, "eos_token_id": None, **(token_ids or {})}, **family_keys)
     return config.to_diff_dict()
 
 
@@ -389,11 +389,12 @@ def plan_shards(state_dict: dict[str, torch.Tensor], max_bytes: int) -> list[lis
 
 def save_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, folder: str | Path, *,
             max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, dtype: torch.dtype | None = None,
-            force: bool = False) -> None:
+            force: bool = False, token_ids: dict | None = None) -> None:
     """Write a dtcollie-named state dict as an HF folder: config.json plus safetensors.
 
     One `model.safetensors` when it fits in `max_shard_size`, else numbered shards and
     `model.safetensors.index.json`. `dtype` casts floating tensors; None keeps each as it is.
+    `token_ids` go into config.json (see `hf_config_from_args`).
     """
     max_bytes = parse_size(max_shard_size)
     check_shapes({name: tuple(t.shape) for name, t in _drop_tied_output(state_dict, args).items()},
@@ -402,7 +403,8 @@ def save_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, folder: str | 
     folder = Path(folder)
     prepare_output_folder(folder, force, HF_OUTPUT_PATTERNS)
     stored_dtype = next(iter(tensors.values())).dtype
-    (folder / CONFIG_FILE).write_text(json.dumps(hf_config_from_args(args, stored_dtype), indent=2) + "\n")
+    config = hf_config_from_args(args, stored_dtype, token_ids)
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     shards = plan_shards(tensors, max_bytes)
     if len(shards) == 1:
         save_file(tensors, folder / SINGLE_FILE, metadata={"format": "pt"})
@@ -456,23 +458,34 @@ def save_random_hf_model(folder: str | Path, config, seed: int = 0) -> ModelArgs
 
 
 def convert_hf_to_dcp(hf_folder: str | Path, dcp_folder: str | Path, force: bool = False) -> ModelArgs:
-    """HF folder -> DCP folder of dtcollie weights (stored dtype kept) plus its model_args.json."""
+    """HF folder -> DCP folder of dtcollie weights (stored dtype kept) plus its model_args.json, and
+    the HF folder's tokenizer files and generation_config.json (so the DCP folder is also the
+    tokenizer folder a run can name in data.tokenizer)."""
     args, state_dict = load_hf_state_dict(hf_folder)
     dcp_folder = Path(dcp_folder)
     prepare_output_folder(dcp_folder, force, DCP_OUTPUT_PATTERNS)
     save_model_weights(state_dict, dcp_folder)
     save_model_args(args, dcp_folder / MODEL_ARGS_FILE)
+    copy_tokenizer_files(hf_folder, dcp_folder)
+    copy_generation_config([hf_folder], dcp_folder)
     return args
 
 
 def convert_dcp_to_hf(dcp_folder: str | Path, hf_folder: str | Path, *, dtype: torch.dtype | None = None,
-                      max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, force: bool = False) -> ModelArgs:
-    """DCP folder written by `convert_hf_to_dcp` (or training) -> HF folder transformers loads."""
+                      max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, force: bool = False,
+                      tokenizer: str | Path | None = None) -> tuple[ModelArgs, str | None]:
+    """DCP folder written by `convert_hf_to_dcp` (or training) -> HF folder transformers loads alone:
+    config.json with the special-token ids, safetensors, the tokenizer's files (from `tokenizer`,
+    else those in the DCP folder) and generation_config.json. Returns (args, tokenizer folder used
+    or None when there was none)."""
     args_path = Path(dcp_folder) / MODEL_ARGS_FILE
     if not args_path.is_file():
         raise CheckpointError(f"DCP folder {dcp_folder} has no {MODEL_ARGS_FILE}; it says which model the "
                               f"weights belong to (convert_hf_to_dcp.py writes it)")
     args = load_model_args(args_path)
+    tokenizer = find_tokenizer(dcp_folder, tokenizer)
+    token_ids = special_token_ids(tokenizer) if tokenizer else {}
     state_dict = load_weights_as_stored(dcp_folder)
-    save_hf(state_dict, args, hf_folder, max_shard_size=max_shard_size, dtype=dtype, force=force)
-    return args
+    save_hf(state_dict, args, hf_folder, max_shard_size=max_shard_size, dtype=dtype, force=force, token_ids=token_ids)
+    write_side_files(hf_folder, tokenizer, [dcp_folder], token_ids)
+    return args, tokenizer

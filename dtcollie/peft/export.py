@@ -21,6 +21,8 @@ from dtcollie.checkpoint import (check_shapes, load_weights_as_stored, model_sta
                                  stored_model_shapes)
 from dtcollie.errors import CheckpointError, ConfigError
 from dtcollie.models.hf import (HF_OUTPUT_PATTERNS, MODEL_ARGS_FILE, load_model_args, save_hf, to_hf_name)
+from dtcollie.models.hf_files import (TOKENIZER_FILES, copy_tokenizer_files, find_tokenizer, special_token_ids,
+                                      write_side_files)
 from dtcollie.models.llama import ModelArgs, Transformer
 from dtcollie.peft.lora import (TARGETS, LoRAConfig, apply_lora, check_lora_config, is_lora_key, lora_config,
                                 merge_lora_state_dict)
@@ -28,7 +30,7 @@ from dtcollie.peft.lora import (TARGETS, LoRAConfig, apply_lora, check_lora_conf
 LORA_CONFIG_FILE = "lora.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-PEFT_OUTPUT_PATTERNS = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
+PEFT_OUTPUT_PATTERNS = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, *TOKENIZER_FILES)
 PEFT_PREFIX = "base_model.model."
 HF_LORA_NAMES = {"lora_a": "lora_A", "lora_b": "lora_B"}
 
@@ -131,11 +133,13 @@ def lora_expected_shapes(args: ModelArgs, config: LoRAConfig) -> dict[str, tuple
 
 def export_lora(checkpoint: str | Path, out_dir: str | Path, merge_into: str | Path | None = None,
                 base_model_name_or_path: str = "", force: bool = False,
-                base: str | Path | None = None) -> tuple[ModelArgs, LoRAConfig]:
+                base: str | Path | None = None, tokenizer: str | Path | None = None) -> tuple[ModelArgs, LoRAConfig]:
     """A weights folder or training checkpoint with LoRA weights, model_args.json and lora.json ->
     PEFT folder; with `merge_into` also an HF folder of the merged weights. A training checkpoint
     of a LoRA run holds only the adapters: merging it needs `base`, the base weights' DCP folder
-    (the run's checkpoint.initial_load_path). Everything is checked before anything is written."""
+    (the run's checkpoint.initial_load_path). Both folders get the tokenizer's files (`tokenizer`,
+    else the checkpoint's own) and the merged one its generation config and special-token ids, as
+    `convert_dcp_to_hf` writes them. Everything is checked before anything is written."""
     shapes = stored_model_shapes(checkpoint)
     if not any(is_lora_key(name) for name in shapes):
         raise CheckpointError(f"checkpoint {checkpoint} holds no LoRA weights (no *.lora_a / *.lora_b keys)")
@@ -154,13 +158,18 @@ def export_lora(checkpoint: str | Path, out_dir: str | Path, merge_into: str | P
                               f"(--base) to merge them")
     if base is not None:
         check_shapes(stored_model_shapes(base), base_expected, f"base checkpoint {base}")
+    tokenizer = find_tokenizer(checkpoint, tokenizer)
+    token_ids = special_token_ids(tokenizer) if tokenizer else {}
     prepare_output_folder(out_dir, force, PEFT_OUTPUT_PATTERNS)
     if merge_into is not None:
         prepare_output_folder(merge_into, force, HF_OUTPUT_PATTERNS)
     state_dict = load_weights_as_stored(checkpoint)
     write_peft_adapter(state_dict, config, out_dir, base_model_name_or_path, force)
+    if tokenizer:
+        copy_tokenizer_files(tokenizer, out_dir)
     if merge_into is not None:
         if base is not None:
             state_dict = {**load_weights_as_stored(base), **{k: v for k, v in state_dict.items() if is_lora_key(k)}}
-        save_hf(merge_lora_state_dict(state_dict, config), args, merge_into, force=force)
+        save_hf(merge_lora_state_dict(state_dict, config), args, merge_into, force=force, token_ids=token_ids)
+        write_side_files(merge_into, tokenizer, [checkpoint, base], token_ids)
     return args, config

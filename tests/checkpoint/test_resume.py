@@ -69,20 +69,25 @@ def test_partial_checkpoint_is_ignored_with_a_warning(tmp_path, caplog):
     partial = tmp_path / "checkpoints" / "step-3.partial"
     shutil.copytree(tmp_path / "checkpoints" / "step-2", partial)
     (partial / ".metadata").unlink()
-    trainer = Trainer(job(tmp_path, overrides))
+    trainer = Trainer(job(tmp_path, [("training.steps", "3"), ("checkpoint.interval", "1")]))
     assert trainer.step == 2
     assert "ignoring incomplete checkpoint" in caplog.text and not partial.exists()
 
 
-def test_model_only_end_checkpoint_is_plain_weights(tmp_path):
-    overrides = [("training.steps", "3"), ("checkpoint.interval", "2"), ("checkpoint.model_only", "true")]
-    trainer = Trainer(job(tmp_path, overrides))
+def test_the_end_of_a_run_saves_its_weights_alone(tmp_path):
+    trainer = Trainer(job(tmp_path, [("training.steps", "3"), ("checkpoint.interval", "2")]))
     trainer.train()
-    weights = load_weights_as_stored(tmp_path / "checkpoints" / "step-3")
+    weights = load_weights_as_stored(tmp_path / "weights")
+    assert sorted(weights) == sorted(trainer.model.parts[0].state_dict())
     for name, tensor in trainer.model.parts[0].state_dict().items():
         assert torch.equal(weights[name], tensor), name
-    # Not resumable: a longer run continues from the last full checkpoint.
-    assert Trainer(job(tmp_path, [("training.steps", "4"), ("checkpoint.interval", "2")])).step == 2
+    assert json.loads((tmp_path / "weights" / "model_args.json").read_text())["max_seq_len"] == 2048  # the flavor's
+    assert (tmp_path / "weights" / "tokenizer.json").read_bytes() == Path(trainer.cfg.data.tokenizer,
+                                                                          "tokenizer.json").read_bytes()
+    # Not a resumable checkpoint: a longer run continues from the last checkpoint.
+    assert Trainer(job(tmp_path, [("training.steps", "4"), ("checkpoint.interval", "2")])).step == 3
+    Trainer(job(tmp_path / "no_weights", [("training.steps", "1"), ("checkpoint.save_weights", "false")])).train()
+    assert not (tmp_path / "no_weights" / "weights").exists()
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
@@ -90,8 +95,12 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     args = tmp_path / "args.json"
     args.write_text(json.dumps({"dim": 128, "n_layers": 8, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 256,
                                 "vocab_size": 2048}))
+    with pytest.raises(config.ConfigError, match=r"holds a run with model.args_path = '', not '.*args.json'; a "
+                                                 r"resumed run must keep it"):
+        Trainer(job(tmp_path, [("training.steps", "2"), ("model.args_path", str(args))]))
+    shutil.copytree(tmp_path / "checkpoints", tmp_path / "copied" / "checkpoints")  # a run folder without its config
     with pytest.raises(CheckpointError, match=r"does not match the model; .*shape mismatch: model\.layers\.0\."):
-        Trainer(job(tmp_path, [("checkpoint.interval", "1"), ("model.args_path", str(args))]))
+        Trainer(job(tmp_path / "copied", [("training.steps", "2"), ("model.args_path", str(args))]))
 
 
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path):

@@ -41,8 +41,7 @@ from dtcollie.metrics import read_losses
 STEPS = 5
 COMMON = ["--config", "train_configs/debug.toml", "--training.steps", str(STEPS), "--training.seq_len", "32",
           "--training.eval_interval", "0", "--metrics.log_freq", "1", "--metrics.enable_tensorboard", "false",
-          "--training.global_batch_size", "8", "--checkpoint.interval", str(STEPS), "--checkpoint.model_only", "true",
-          "--lr_scheduler.warmup_steps", "0", *ONE_NOVEL]
+          "--training.global_batch_size", "8", "--lr_scheduler.warmup_steps", "0", *ONE_NOVEL]
 RUNS = {  # name: overrides
     "adamw": ["--optimizer.name", "adamw"],
     "lion": ["--optimizer.name", "lion", "--optimizer.lr", "1e-4"],
@@ -67,7 +66,7 @@ LAYOUTS = {  # name: (processes, overrides)
 
 
 def final_weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_weights_as_stored(folder / "checkpoints" / f"step-{STEPS}")
+    return load_weights_as_stored(folder / "weights")
 
 
 def train_all(folder: Path, weights: Path, nproc: int, overrides: list[str], threads: int = 1) -> None:

@@ -21,8 +21,8 @@ def run(*command: str) -> None:
 
 def test_lora_walkthrough(tmp_path):
     run("-m", "dtcollie.train", "--training.steps", "2", "--training.seq_len", "32", "--training.eval_interval", "0",
-        "--checkpoint.interval", "2", "--checkpoint.model_only", "true", "--job.dump_folder", str(tmp_path / "base_run"))
-    run("tools/convert_dcp_to_hf.py", "--dcp", str(tmp_path / "base_run/checkpoints/step-2"), "--out",
+        "--job.dump_folder", str(tmp_path / "base_run"))
+    run("tools/convert_dcp_to_hf.py", "--dcp", str(tmp_path / "base_run/weights"), "--out",
         str(tmp_path / "hf_base"))
     run("tools/convert_hf_to_dcp.py", "--hf", str(tmp_path / "hf_base"), "--out", str(tmp_path / "base_dcp"))
     run("-m", "dtcollie.train", "--config", "train_configs/debug_lora.toml", "--checkpoint.initial_load_path",
