@@ -6,7 +6,7 @@ import sys
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dtcollie.checkpoint import load_weights_as_stored
 from dtcollie.models.hf import load_model_args
@@ -29,8 +29,9 @@ def test_lora_walkthrough(tmp_path):
         str(tmp_path / "base_dcp"), "--job.dump_folder", str(tmp_path / "lora"), "--training.steps", "3",
         "--checkpoint.interval", "3", "--training.eval_interval", "0")
     step = tmp_path / "lora/checkpoints/step-3"
-    run("tools/export_lora.py", "--checkpoint", str(step), "--out", str(tmp_path / "adapter"), "--merge-into",
-        str(tmp_path / "merged"), "--base", str(tmp_path / "base_dcp"))
+    # The run's weights folder holds base and adapters: it merges alone (no --base).
+    run("tools/export_lora.py", "--checkpoint", str(tmp_path / "lora/weights"), "--out", str(tmp_path / "adapter"),
+        "--merge-into", str(tmp_path / "merged"))
     assert_peft_gives_our_logits(step, tmp_path / "base_dcp", tmp_path / "hf_base", tmp_path / "adapter",
                                  tmp_path / "merged")
 
@@ -42,12 +43,19 @@ def test_qwen2_lora_walkthrough_under_tensor_parallel(tmp_path):
     run("tools/convert_hf_to_dcp.py", "--hf", str(tmp_path / "hf_base"), "--out", str(tmp_path / "base_dcp"))
     run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dtcollie.train", "--config",
         "train_configs/debug_qwen2_lora.toml", "--model.args_path", str(tmp_path / "base_dcp/model_args.json"),
-        "--checkpoint.initial_load_path", str(tmp_path / "base_dcp"), "--job.dump_folder", str(tmp_path / "lora"),
-        "--training.steps", "3", "--checkpoint.interval", "3", "--training.eval_interval", "0")
+        "--checkpoint.initial_load_path", str(tmp_path / "base_dcp"), "--data.tokenizer", str(tmp_path / "base_dcp"),
+        "--job.dump_folder", str(tmp_path / "lora"), "--training.steps", "3", "--checkpoint.interval", "3",
+        "--training.eval_interval", "0")
     step = tmp_path / "lora/checkpoints/step-3"
     run("tools/export_lora.py", "--checkpoint", str(step), "--out", str(tmp_path / "adapter"), "--merge-into",
         str(tmp_path / "merged"), "--base", str(tmp_path / "base_dcp"))
-    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")).__name__ == "Qwen2ForCausalLM"
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert type(merged).__name__ == "Qwen2ForCausalLM"
+    base_config = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_base").config
+    assert merged.config.max_position_embeddings == base_config.max_position_embeddings == 2048  # not seq_len
+    for folder in ("adapter", "merged"):  # each loads its tokenizer alone
+        assert AutoTokenizer.from_pretrained(tmp_path / folder).eos_token_id == base_config.eos_token_id == 0
+    assert merged.generation_config.eos_token_id == 0
     assert_peft_gives_our_logits(step, tmp_path / "base_dcp", tmp_path / "hf_base", tmp_path / "adapter",
                                  tmp_path / "merged")
 
