@@ -27,8 +27,6 @@ from dtcollie.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
-
-
 PROBE = "Hello world"  # any text whose tokens transformers' special tokens cannot be mistaken for
 
 
