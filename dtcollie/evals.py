@@ -160,7 +160,7 @@ def exact_match(model, tokenizer, tasks: list[tuple[str, str]], max_new_tokens: 
         batch = [task or tasks[0] for task in mine[start:start + batch_size]]
         # A prompt too long for the model's context keeps its end, room left for the answer.
         room = model.args.max_seq_len - max_new_tokens
-        prompts = [(tokenizer.encode_prompt(prompt) or [tokenizer.eos_id])[-room:] for prompt, _ in batch]
+        prompts = [(tokenizer.encode_prompt(prompt) or [start_token(tokenizer)])[-room:] for prompt, _ in batch]
         # Every rank decodes all max_new_tokens steps (no early stop): FSDP forwards must pair up.
         outputs = generate(model, prompts, max_new_tokens, Sampling(), eos_id=tokenizer.eos_id,
                            pad_id=tokenizer.pad_id, stop_early=world == 1)

@@ -10,7 +10,8 @@ merged into their base weights; see dtcollie.inference). The tokenizer is --toke
 folder's own, else the training run's data.tokenizer. One prompt streams its text as it is
 decoded; a batch (--prompts: a text file with one prompt per line) prints each completion. A
 prompt is encoded as transformers' tokenizer encodes it, with the special tokens the model expects
-before a text (BOS for Llama). `--chat` renders the conversation with the tokenizer's chat template and stops at its EOS.
+before a text (BOS for Llama). `--chat` renders the conversation with the tokenizer's chat template
+(which places its own BOS) and stops at its EOS.
 """
 
 import argparse

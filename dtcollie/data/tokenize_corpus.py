@@ -3,8 +3,9 @@
 Inputs are `.txt` (documents separated by two or more blank lines, as in `files.py`), `.jsonl` (a
 string field per line, `text` by default) and `.parquet` (a string column, read in record batches).
 A document is stored as pre-training uses it (`Tokenizer.encode_documents`): the tokenizer's prefix
-(BOS for Llama), the text, its suffix and EOS. Each input file is one task for a pool of worker processes, each single-threaded, so `workers`
-is the number of cores used; a single huge file is tokenized by one worker, so split it to spread it.
+(BOS for Llama), the text, its suffix and EOS. Each input file is one task for a pool of worker
+processes, each single-threaded, so `workers` is the number of cores used; a single huge file is
+tokenized by one worker, so split it to spread it.
 
 Shard names are `FFFFF-PPPPP` (input file number, part number). A file's documents are cut into
 parts at the first document boundary at or past `tokens_per_shard` tokens; the cut depends only on

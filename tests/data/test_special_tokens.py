@@ -188,7 +188,8 @@ def test_lm_eval_dtcollie_model_equals_its_hf_model_which_adds_bos(llama3_model)
     def requests(kind: str, arguments: list[tuple]) -> list:
         return [Instance(kind, {}, args, i) for i, args in enumerate(arguments)]
 
-    pairs = requests("loglikelihood", [("the dog sat on the", " mat."), ("", "hello, cat!"), ("what is 4 plus 3?", " 7")])
+    pairs = requests("loglikelihood", [("the dog sat on the", " mat."), ("", "hello, cat!"),
+                                       ("what is 4 plus 3?", " 7")])
     their_lls, our_lls = hf_lm.loglikelihood(pairs), ours.loglikelihood(pairs)
     assert [g for _, g in our_lls] == [g for _, g in their_lls]
     assert torch.allclose(torch.tensor([ll for ll, _ in our_lls]), torch.tensor([ll for ll, _ in their_lls]),
