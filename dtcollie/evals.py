@@ -6,7 +6,9 @@ after the question; `acc` counts questions whose right choice scores highest, `a
 each score by the choice's length in characters first. As lm-eval does, the continuation's tokens
 are what encoding question + continuation adds after encoding the question alone (trailing
 spaces of the question moved to the continuation), and a row longer than the model's context is
-cut on the left.
+cut on the left. Texts are encoded as in training and as lm-eval's "hf" model encodes them, with
+the tokenizer's prefix (BOS for Llama; `Tokenizer.encode_prompt`); an empty context is BOS, or EOS
+for a tokenizer without one.
 
 Generation exact match: a record {"prompt", "answer"}; the greedy completion (up to EOS or
 `max_new_tokens`, EOS and surrounding whitespace stripped) must equal the answer stripped.
@@ -65,14 +67,19 @@ def read_tasks(patterns: list[str], key: str, kind: str) -> list:
                                                   skip_fix="fix the record")]
 
 
+def start_token(tokenizer) -> int:
+    """What stands before a text with no context: BOS, else EOS (lm-eval's prefix_token_id)."""
+    return tokenizer.eos_id if tokenizer.bos_id is None else tokenizer.bos_id
+
+
 def continuation_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context tokens, continuation tokens) split as lm-eval splits them."""
-    if not context:  # nothing to condition on: EOS stands before the text, as in lm-eval
-        return [tokenizer.eos_id], tokenizer.encode(continuation)
+    if not context:  # nothing to condition on
+        return [start_token(tokenizer)], tokenizer.encode(continuation)
     spaces = len(context) - len(context.rstrip(" "))
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole, alone = tokenizer.encode(context + continuation), tokenizer.encode(context)
+    whole, alone = tokenizer.encode_prompt(context + continuation), tokenizer.encode_prompt(context)
     return whole[:len(alone)], whole[len(alone):]
 
 
@@ -153,7 +160,7 @@ def exact_match(model, tokenizer, tasks: list[tuple[str, str]], max_new_tokens: 
         batch = [task or tasks[0] for task in mine[start:start + batch_size]]
         # A prompt too long for the model's context keeps its end, room left for the answer.
         room = model.args.max_seq_len - max_new_tokens
-        prompts = [(tokenizer.encode(prompt) or [tokenizer.eos_id])[-room:] for prompt, _ in batch]
+        prompts = [(tokenizer.encode_prompt(prompt) or [start_token(tokenizer)])[-room:] for prompt, _ in batch]
         # Every rank decodes all max_new_tokens steps (no early stop): FSDP forwards must pair up.
         outputs = generate(model, prompts, max_new_tokens, Sampling(), eos_id=tokenizer.eos_id,
                            pad_id=tokenizer.pad_id, stop_early=world == 1)

@@ -8,8 +8,10 @@
 The checkpoint is an HF folder, a dtcollie weights folder or a training checkpoint (LoRA ones are
 merged into their base weights; see dtcollie.inference). The tokenizer is --tokenizer, else the HF
 folder's own, else the training run's data.tokenizer. One prompt streams its text as it is
-decoded; a batch (--prompts: a text file with one prompt per line) prints each completion.
-`--chat` renders the conversation with the tokenizer's chat template and stops at its EOS.
+decoded; a batch (--prompts: a text file with one prompt per line) prints each completion. A
+prompt is encoded as transformers' tokenizer encodes it, with the special tokens the model expects
+before a text (BOS for Llama). `--chat` renders the conversation with the tokenizer's chat template
+(which places its own BOS) and stops at its EOS.
 """
 
 import argparse
@@ -94,7 +96,7 @@ class Generator:
                         pad_id=self.tokenizer.pad_id, on_tokens=show if stream and self.printing else None)
 
     def run_prompts(self, prompts: list[str]) -> None:
-        token_prompts = [self.tokenizer.encode(prompt) for prompt in prompts]
+        token_prompts = [self.tokenizer.encode_prompt(prompt) for prompt in prompts]
         completions = self.complete(token_prompts, stream=len(prompts) == 1)
         if not self.printing:
             return
@@ -106,7 +108,7 @@ class Generator:
 
     def chat_turn(self, messages: list[dict]) -> str:
         text = self.chat_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        reply = self.complete([self.tokenizer.encode(text)], stream=True)[0]
+        reply = self.complete([self.tokenizer.encode(text)], stream=True)[0]  # the template placed any BOS
         if self.printing:
             print()
         return self.tokenizer.decode(reply, skip_special_tokens=True)

@@ -8,6 +8,8 @@ Python, `import dtcollie.lm_eval` registers it for `lm_eval.simple_evaluate(mode
 Any checkpoint `python -m dtcollie.generate` reads works (dtcollie.inference). Log-likelihoods
 use the same scoring as the trainer's multiple-choice evaluator (dtcollie.evals), rolling
 log-likelihoods lm-eval's own token windows, and generation dtcollie's greedy KV-cached decoding.
+Texts are encoded as lm-eval's "hf" model encodes them by default (add_bos_token unset: the
+tokenizer's own special tokens, so BOS for Llama): `Tokenizer.encode_prompt`.
 """
 
 import lm_eval.models  # noqa: F401  (lm-eval's own models register first; a registry with ours alone looks complete)
@@ -18,7 +20,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from dtcollie.data.tokenizer import load_tokenizer
-from dtcollie.evals import continuation_tokens, loglikelihoods
+from dtcollie.evals import continuation_tokens, loglikelihoods, start_token
 from dtcollie.generation import generate
 from dtcollie.inference import DTYPES, build_inference_model, load_weights, pick_device, tokenizer_folder
 
@@ -39,8 +41,9 @@ class DtcollieLM(LM):
     def loglikelihood_rolling(self, requests) -> list[float]:
         results = []
         for request in requests:
+            tokens = self.tokenizer.encode_prompt(request.args[0])  # BOS scored too, as lm-eval's "hf" does
             windows = [make_disjoint_window(window) for window in get_rolling_token_windows(
-                self.tokenizer.encode(request.args[0]), self.tokenizer.eos_id, self.model.args.max_seq_len, 1)]
+                tokens, start_token(self.tokenizer), self.model.args.max_seq_len, 1)]
             scores = loglikelihoods(self.model, windows, self.model.args.max_seq_len, self.tokenizer.pad_id,
                                     self.batch_size)
             results.append(sum(score for score, _ in scores))
@@ -52,7 +55,7 @@ class DtcollieLM(LM):
             context, options = request.args
             until = options.get("until", [])
             until = [until] if isinstance(until, str) else list(until)
-            prompt = self.tokenizer.encode(context)[-(self.model.args.max_seq_len - 1):]
+            prompt = self.tokenizer.encode_prompt(context)[-(self.model.args.max_seq_len - 1):]
             new = min(int(options.get("max_gen_toks", 256)), self.model.args.max_seq_len - len(prompt))
             tokens = generate(self.model, [prompt], new, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)[0]
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -88,7 +88,7 @@ def build_dataset(data_cfg, tokenizer, seq_len: int, split: str) -> SequenceData
         raise DataError(f"data.kind = {data_cfg.kind!r} has no in-memory dataset; use pretrain, sft or chat")
     items = split_items(data_cfg, split)
     if data_cfg.kind == "pretrain":
-        input_ids, labels, positions = pack_documents(tokenizer.encode_batch(items), tokenizer.eos_id, seq_len,
+        input_ids, labels, positions = pack_documents(tokenizer.encode_documents(items), tokenizer.eos_id, seq_len,
                                                       split, data_cfg.document_mask)
         log.info("%s: %d documents -> %d sequences of %d tokens", split, len(items), len(input_ids), seq_len)
         return SequenceDataset(input_ids, labels, positions)

@@ -1,10 +1,11 @@
 """Instruction-tuning sequences: loss on the answer only.
 
-An example is encode(input) + encode(output) + [EOS]. As in pre-training, input_ids[t] predicts
-labels[t] = token[t + 1]; a label is kept only where token[t + 1] belongs to the output or is the
-EOS, and is -100 (ignored by cross-entropy) elsewhere, so the model is not trained to produce
-prompts. Input and output are encoded separately so that generation from encode(input) sees
-exactly the tokens the model was trained on.
+An example is the tokenizer's prefix (BOS for Llama) + encode(input) + encode(output) + [EOS]. As
+in pre-training, input_ids[t] predicts labels[t] = token[t + 1]; a label is kept only where
+token[t + 1] belongs to the output or is the EOS, and is -100 (ignored by cross-entropy) elsewhere,
+so the model is not trained to produce prompts. Input and output are encoded separately so that
+generation from the prompt as `Tokenizer.encode_prompt` (and transformers' tokenizer) encodes it,
+prefix + encode(input), sees exactly the tokens the model was trained on.
 
 Padding mode gives each example its own row (truncated to seq_len + 1 tokens, padded with pad_id).
 Packing mode places whole examples one after another in a row until the next does not fit, then
@@ -27,7 +28,7 @@ log = logging.getLogger("dtcollie.data")
 def tokenize_examples(tokenizer, examples: list[tuple[str, str]], seq_len: int,
                       split: str) -> list[tuple[list[int], list[bool]]]:
     """(tokens, is_output) per example, truncated to seq_len + 1; examples left with no label dropped."""
-    inputs = tokenizer.encode_batch([inp for inp, _ in examples])
+    inputs = [tokenizer.prefix_ids + inp for inp in tokenizer.encode_batch([inp for inp, _ in examples])]
     outputs = tokenizer.encode_batch([out for _, out in examples])
     rows = [((inp + out + [tokenizer.eos_id])[: seq_len + 1], ([False] * len(inp) + [True] * (len(out) + 1))[: seq_len + 1])
             for inp, out in zip(inputs, outputs)]

@@ -9,7 +9,7 @@ A corpus folder holds:
     NAME.json          the shard's metadata: dtype, tokens, documents, vocab_size, eos_id and what the
                        shard was made from ("source"); its presence marks the shard finished
 
-Every document is followed by EOS, as in `pretrain.py`, so the stream of a corpus is the
+Every document ends with EOS, as in `pretrain.py` (BOS and the like are part of it), so the stream of a corpus is the
 concatenation of its shards and a reader finds document boundaries without the index.
 
 A shard's .bin and .idx.npy are written under `.tmp` names and renamed once complete, and its .json
@@ -61,14 +61,10 @@ class ShardWriter:
         self.tokens, self.starts = 0, []
         self._bin = open(self.folder / f"{name}.bin.tmp", "wb")
 
-    def add_documents(self, token_lists: list[list[int]]) -> None:
-        """Documents as token id lists, without EOS (it is appended here)."""
-        lengths = np.fromiter((len(t) + 1 for t in token_lists), dtype=np.int64, count=len(token_lists))
-        packed = np.full(int(lengths.sum()), self.eos_id, dtype=self.dtype)
-        text = np.ones(len(packed), dtype=bool)
-        text[np.cumsum(lengths) - 1] = False
-        packed[text] = np.fromiter((t for tokens in token_lists for t in tokens), dtype=np.int64,
-                                   count=len(packed) - len(token_lists))
+    def add_documents(self, documents: list[list[int]]) -> None:
+        """Documents as token id lists, each ending with EOS (`Tokenizer.encode_documents`)."""
+        lengths = np.fromiter((len(tokens) for tokens in documents), dtype=np.int64, count=len(documents))
+        packed = np.fromiter((t for tokens in documents for t in tokens), dtype=np.int64, count=int(lengths.sum()))
         self.add_packed(packed, lengths)
 
     def add_packed(self, tokens: np.ndarray, lengths: np.ndarray) -> None:

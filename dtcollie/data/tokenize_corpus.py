@@ -2,8 +2,10 @@
 
 Inputs are `.txt` (documents separated by two or more blank lines, as in `files.py`), `.jsonl` (a
 string field per line, `text` by default) and `.parquet` (a string column, read in record batches).
-Each input file is one task for a pool of worker processes, each single-threaded, so `workers`
-is the number of cores used; a single huge file is tokenized by one worker, so split it to spread it.
+A document is stored as pre-training uses it (`Tokenizer.encode_documents`): the tokenizer's prefix
+(BOS for Llama), the text, its suffix and EOS. Each input file is one task for a pool of worker
+processes, each single-threaded, so `workers` is the number of cores used; a single huge file is
+tokenized by one worker, so split it to spread it.
 
 Shard names are `FFFFF-PPPPP` (input file number, part number). A file's documents are cut into
 parts at the first document boundary at or past `tokens_per_shard` tokens; the cut depends only on
@@ -12,8 +14,8 @@ the documents, so the shards are the same bytes whatever the worker count.
 Resuming: each finished shard records which documents of which file it holds. A rerun of the same
 command keeps, per file, the leading run of finished shards made with the same settings, skips those
 documents and rewrites everything after them (an interrupted shard is simply written again). The
-manifest is written when every file is done. Shards made with other settings are an error, not
-silently mixed in.
+manifest is written when every file is done. Shards made with other settings (the special tokens
+among them) are an error, not silently mixed in.
 """
 
 import dataclasses
@@ -65,14 +67,14 @@ def tokenize_corpus(inputs: list[str], out_dir: str, tokenizer_folder: str, text
     if workers < 1 or tokens_per_shard < 1:
         raise DataError(f"workers ({workers}) and tokens_per_shard ({tokens_per_shard}) must be at least 1")
     files = resolve_files(inputs, "inputs")
-    tokenizer = load_tokenizer(tokenizer_folder)  # fail here, before any worker starts
+    tokenizer = load_tokenizer(tokenizer_folder)  # once, failing before any worker starts; sent to them
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     settings = {"text_field": text_field, "tokens_per_shard": tokens_per_shard, "vocab_size": tokenizer.vocab_size,
-                "eos_id": tokenizer.eos_id}
+                "eos_id": tokenizer.eos_id, "prefix_ids": tokenizer.prefix_ids, "suffix_ids": tokenizer.suffix_ids}
     start = time.perf_counter()
     results = [None] * len(files)
     with ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=_single_threaded) as pool:
-        futures = {pool.submit(_tokenize_file, index, os.path.abspath(path), out_dir, tokenizer_folder, settings,
+        futures = {pool.submit(_tokenize_file, index, os.path.abspath(path), out_dir, tokenizer, settings,
                                skip_bad_lines): index for index, path in enumerate(files)}
         with tqdm(total=len(files), unit="file", desc="tokenizing", disable=None if progress else True) as bar:
             for future in as_completed(futures):
@@ -107,11 +109,12 @@ def _single_threaded() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
-def _tokenize_file(index: int, path: str, out_dir: str, tokenizer_folder: str, settings: dict,
+def _tokenize_file(index: int, path: str, out_dir: str, tokenizer, settings: dict,
                    skip_bad_lines: bool) -> tuple[list[dict], tuple[int, int, int, int]]:
     """Shards of input file number `index`: those a previous run finished, then the rest, written now.
-    Returns (shard metadata in order, (documents, tokens, text bytes tokenized now, shards reused))."""
-    tokenizer = load_tokenizer(tokenizer_folder)
+    Returns (shard metadata in order, (documents, tokens, text bytes tokenized now, shards reused)).
+    The tokenizer comes pickled from the parent, so a worker never loads transformers to find its
+    special tokens."""
     source = {"file": path, **settings}
     shards = _reusable_shards(index, out_dir, source)
     reused = len(shards)
@@ -120,12 +123,12 @@ def _tokenize_file(index: int, path: str, out_dir: str, tokenizer_folder: str, s
     writer, pending, pending_tokens, text_bytes = None, [], 0, 0
     while batch := list(itertools.islice(documents, ENCODE_BATCH)):
         text_bytes += sum(len(doc.encode("utf-8")) for doc in batch)
-        for tokens in tokenizer.encode_batch(batch):
+        for tokens in tokenizer.encode_documents(batch):
             if writer is None:
                 writer = ShardWriter(out_dir, f"{index:05d}-{len(shards):05d}", settings["vocab_size"],
                                      settings["eos_id"], {**source, "first_document": number})
             pending.append(tokens)
-            pending_tokens += len(tokens) + 1
+            pending_tokens += len(tokens)
             number += 1
             if writer.tokens + pending_tokens >= settings["tokens_per_shard"]:
                 shards.append(_finish(writer, pending, number))

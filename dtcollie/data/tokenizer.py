@@ -1,10 +1,20 @@
 """Tokenizer: train a small byte-level BPE, load any `tokenizer.json` folder.
 
-The trainer needs only encode/decode, the vocabulary size and the EOS/pad ids, so `Tokenizer` wraps
-a `tokenizers.Tokenizer` with exactly that. A folder written by `train_tokenizer` also carries a
-`tokenizer_config.json`, so transformers' `AutoTokenizer` loads it too (for HF export and eval).
-Folders from the HF hub (e.g. Llama 3) load the same way: EOS and pad come from their
-`tokenizer_config.json`; a missing pad token falls back to EOS.
+The trainer needs only encode/decode, the vocabulary size, the BOS/EOS/pad ids and the special
+tokens the model expects around a text, so `Tokenizer` wraps a `tokenizers.Tokenizer` with exactly
+that. A folder written by `train_tokenizer` also carries a `tokenizer_config.json`, so transformers'
+`AutoTokenizer` loads it too (for HF export and eval). Folders from the HF hub (e.g. Llama 3) load
+the same way: BOS, EOS and pad come from their `tokenizer_config.json`; a missing pad token falls
+back to EOS.
+
+Special tokens. Llama 2/3 were trained with BOS (`<s>`, `<|begin_of_text|>`) before every sequence,
+others (Qwen) with none. What a model's own tokenizer puts around a single text is what transformers'
+`AutoTokenizer.from_pretrained(folder)(text)` adds: whether that comes from tokenizer.json's
+post-processor or from tokenizer_config.json is transformers' rule (5.x: the post-processor whenever
+there is a tokenizer.json), so it is asked once at load time with a probe text, and the ids it adds
+before and after the text become `prefix_ids` and `suffix_ids`. Encoding itself stays on the
+`tokenizers` backend: `encode` adds nothing, `encode_prompt` the prefix, `encode_documents` the
+prefix, the suffix and a final EOS.
 """
 
 import json
@@ -17,16 +27,23 @@ from dtcollie.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+PROBE = "Hello world"  # any text whose tokens transformers' special tokens cannot be mistaken for
 
 
 class Tokenizer:
-    """Text <-> token ids. `encode` adds no special tokens: the datasets place EOS themselves."""
+    """Text <-> token ids. `encode` adds no special tokens; `prefix_ids` / `suffix_ids` are what the
+    model's tokenizer adds before / after a text (e.g. [BOS] / [])."""
 
-    def __init__(self, backend: BackendTokenizer, eos_token: str, pad_token: str | None, folder: str = ""):
+    def __init__(self, backend: BackendTokenizer, eos_token: str, pad_token: str | None, folder: str = "",
+                 bos_token: str | None = None, prefix_ids: list[int] = (), suffix_ids: list[int] = ()):
         self.backend = backend
         self.folder = folder
         self.eos_id = self._token_id(eos_token, "eos_token")
         self.pad_id = self._token_id(pad_token, "pad_token") if pad_token else self.eos_id
+        self.bos_id = self._token_id(bos_token, "bos_token") if bos_token else None
+        self.prefix_ids, self.suffix_ids = list(prefix_ids), list(suffix_ids)
+        # Documents are separated by EOS (document masks find boundaries there): one a suffix ends with is enough.
+        self.document_end = self.suffix_ids + ([] if self.suffix_ids[-1:] == [self.eos_id] else [self.eos_id])
         # max id + 1, not the token count: the embedding table must cover every id even if ids have gaps.
         self.vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
 
@@ -44,6 +61,14 @@ class Tokenizer:
         """Many texts at once; the Rust side uses all cores, which keeps dataset start-up fast."""
         return [enc.ids for enc in self.backend.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt as the model's tokenizer encodes it, suffix left out: generation continues it."""
+        return self.prefix_ids + self.encode(text)
+
+    def encode_documents(self, texts: list[str]) -> list[list[int]]:
+        """Pre-training documents: prefix + text + suffix, each ending with EOS."""
+        return [self.prefix_ids + ids + self.document_end for ids in self.encode_batch(texts)]
+
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)  # lists or tensors
 
@@ -56,8 +81,26 @@ def _special_token(config: dict, key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def special_ids(folder: str) -> tuple[list[int], list[int]]:
+    """(prefix, suffix): the ids transformers' tokenizer of `folder` adds before and after one text."""
+    from transformers import AutoTokenizer  # imported here: a second or so, paid once per process
+
+    try:
+        hf = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as err:
+        raise DataError(f"tokenizer folder {folder} cannot be loaded by transformers ({err}); fix its "
+                        f"tokenizer_config.json") from None
+    plain, full = hf(PROBE, add_special_tokens=False)["input_ids"], hf(PROBE)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start], full[start + len(plain):]
+    raise DataError(f"tokenizer {folder}: transformers encodes {PROBE!r} with special tokens as {full}, which does "
+                    f"not contain its encoding without them, {plain}; the special tokens cannot be told apart")
+
+
 def load_tokenizer(folder: str) -> Tokenizer:
-    """Load `folder/tokenizer.json`; EOS/pad from `folder/tokenizer_config.json` (defaults: ours)."""
+    """Load `folder/tokenizer.json`; BOS/EOS/pad from `folder/tokenizer_config.json` (defaults: ours),
+    the special tokens around a text from transformers (`special_ids`)."""
     path = Path(folder)
     if not (path / "tokenizer.json").is_file():
         what = "does not exist" if not path.exists() else "has no tokenizer.json"
@@ -78,7 +121,7 @@ def load_tokenizer(folder: str) -> Tokenizer:
     pad = _special_token(config, "pad_token")
     if not config and backend.token_to_id(PAD_TOKEN) is not None:  # no config: our own token names
         pad = PAD_TOKEN
-    return Tokenizer(backend, eos, pad, folder)
+    return Tokenizer(backend, eos, pad, folder, _special_token(config, "bos_token"), *special_ids(folder))
 
 
 def train_tokenizer(texts, vocab_size: int, out_dir: str | None = None, min_frequency: int = 2) -> Tokenizer:

@@ -11,7 +11,7 @@ def write_corpus(folder: Path, shards: list[list[list[int]]], vocab_size: int = 
     metas = []
     for number, documents in enumerate(shards):
         writer = ShardWriter(str(folder), f"{number:05d}", vocab_size, eos_id, {"test": number})
-        writer.add_documents(documents)
+        writer.add_documents([document + [eos_id] for document in documents])
         metas.append(writer.finish())
     write_manifest(str(folder), metas, vocab_size, eos_id, {"test": True})
     return folder

@@ -10,7 +10,7 @@ from dtcollie.errors import DataError
 
 
 def test_pack_shifts_labels_and_puts_eos_between_documents():
-    docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]  # stream: 5 6 7 E 8 9 E 10 11 12 13 E  (12 tokens)
+    docs = [[5, 6, 7, 0], [8, 9, 0], [10, 11, 12, 13, 0]]  # stream: 5 6 7 E 8 9 E 10 11 12 13 E  (12 tokens)
     inputs, labels, positions = pack_documents(docs, eos_id=0, seq_len=4, split="train")
     assert inputs.tolist() == [[5, 6, 7, 0], [9, 0, 10, 11]]  # blocks of 5; the tail [13, 0] is dropped
     assert labels.tolist() == [[6, 7, 0, 8], [0, 10, 11, 12]]
@@ -19,7 +19,7 @@ def test_pack_shifts_labels_and_puts_eos_between_documents():
 
 
 def test_document_mask_restarts_positions_after_eos_and_ignores_the_crossing_label():
-    docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]  # blocks 5 6 7 E 8 | 9 E 10 11 12
+    docs = [[5, 6, 7, 0], [8, 9, 0], [10, 11, 12, 13, 0]]  # blocks 5 6 7 E 8 | 9 E 10 11 12
     inputs, labels, positions = pack_documents(docs, eos_id=0, seq_len=4, split="train", document_mask=True)
     assert inputs.tolist() == [[5, 6, 7, 0], [9, 0, 10, 11]]
     assert positions.tolist() == [[0, 1, 2, 3], [0, 1, 0, 1]]  # a block's first token starts a document
@@ -28,7 +28,7 @@ def test_document_mask_restarts_positions_after_eos_and_ignores_the_crossing_lab
 
 def test_too_little_data_says_how_much_is_needed():
     with pytest.raises(DataError, match=r"val data has 5 tokens \(2 documents incl. EOS\).*seq_len \+ 1 = 9"):
-        pack_documents([[1, 2], [3]], eos_id=0, seq_len=8, split="val")
+        pack_documents([[1, 2, 0], [3, 0]], eos_id=0, seq_len=8, split="val")
 
 
 def test_dataset_rows_reproduce_the_encoded_documents(tok, write):

@@ -33,7 +33,7 @@ def test_a_vocabulary_over_65536_ids_is_stored_as_uint32(tmp_path):
 
 def test_a_shard_is_finished_only_once_its_metadata_is_in_place(tmp_path):
     writer = ShardWriter(str(tmp_path), "00000", 100, 0, {})
-    writer.add_documents([[4, 5]])
+    writer.add_documents([[4, 5, 0]])
     assert finished_shard(str(tmp_path), "00000") is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.bin.tmp"]
     with pytest.raises(DataError, match=r"has shards but no corpus.json: its tokenization did not finish; rerun"):

@@ -59,6 +59,7 @@ def test_missing_tokenizer_folder_is_a_data_error(tmp_path):
 
 def test_pad_falls_back_to_eos_for_hf_folders_without_pad(tmp_path, tok):
     tok.backend.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|endoftext|>"}}))
+    eos = {"__type": "AddedToken", "content": "<|endoftext|>", "lstrip": False, "rstrip": False, "normalized": False}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos}))  # as Llama 2's config has it
     loaded = load_tokenizer(str(tmp_path))
     assert loaded.pad_id == loaded.eos_id == 0
