@@ -9,10 +9,11 @@ back to EOS.
 
 Special tokens. Llama 2/3 were trained with BOS (`<s>`, `<|begin_of_text|>`) before every sequence,
 others (Qwen) with none. What a model's own tokenizer puts around a single text is what transformers'
-`AutoTokenizer.from_pretrained(folder)(text)` adds: whether that comes from tokenizer.json's
-post-processor or from tokenizer_config.json is transformers' rule (5.x: the post-processor whenever
-there is a tokenizer.json), so it is asked once at load time with a probe text, and the ids it adds
-before and after the text become `prefix_ids` and `suffix_ids`. Encoding itself stays on the
+`AutoTokenizer.from_pretrained(folder)(text)` adds; transformers 5 takes it from tokenizer.json's
+post-processor whenever there is a tokenizer.json (not from tokenizer_config.json's add_bos_token),
+so the backend is asked once at load time with a probe text, and the ids it adds before and after
+the text become `prefix_ids` and `suffix_ids` (tested equal to transformers' for Llama 2/3 and Qwen
+style folders). Encoding itself stays on the
 `tokenizers` backend: `encode` adds nothing, `encode_prompt` the prefix, `encode_documents` the
 prefix, the suffix and a final EOS.
 """
@@ -81,26 +82,21 @@ def _special_token(config: dict, key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def special_ids(folder: str) -> tuple[list[int], list[int]]:
-    """(prefix, suffix): the ids transformers' tokenizer of `folder` adds before and after one text."""
-    from transformers import AutoTokenizer  # imported here: a second or so, paid once per process
-
-    try:
-        hf = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError) as err:
-        raise DataError(f"tokenizer folder {folder} cannot be loaded by transformers ({err}); fix its "
-                        f"tokenizer_config.json") from None
-    plain, full = hf(PROBE, add_special_tokens=False)["input_ids"], hf(PROBE)["input_ids"]
+def special_ids(backend: BackendTokenizer, folder: str) -> tuple[list[int], list[int]]:
+    """(prefix, suffix): the ids the tokenizer adds before and after one text. transformers 5 takes
+    them from tokenizer.json's post-processor, which the backend applies too, so the backend is
+    asked (transformers would cost a second of start-up in every process; the tests compare both)."""
+    plain, full = backend.encode(PROBE, add_special_tokens=False).ids, backend.encode(PROBE).ids
     for start in range(len(full) - len(plain) + 1):
         if full[start:start + len(plain)] == plain:
             return full[:start], full[start + len(plain):]
-    raise DataError(f"tokenizer {folder}: transformers encodes {PROBE!r} with special tokens as {full}, which does "
-                    f"not contain its encoding without them, {plain}; the special tokens cannot be told apart")
+    raise DataError(f"tokenizer {folder}: {PROBE!r} encodes with special tokens as {full}, which does not contain "
+                    f"its encoding without them, {plain}; the special tokens cannot be told apart")
 
 
 def load_tokenizer(folder: str) -> Tokenizer:
     """Load `folder/tokenizer.json`; BOS/EOS/pad from `folder/tokenizer_config.json` (defaults: ours),
-    the special tokens around a text from transformers (`special_ids`)."""
+    the special tokens around a text from its post-processor (`special_ids`)."""
     path = Path(folder)
     if not (path / "tokenizer.json").is_file():
         what = "does not exist" if not path.exists() else "has no tokenizer.json"
@@ -121,7 +117,8 @@ def load_tokenizer(folder: str) -> Tokenizer:
     pad = _special_token(config, "pad_token")
     if not config and backend.token_to_id(PAD_TOKEN) is not None:  # no config: our own token names
         pad = PAD_TOKEN
-    return Tokenizer(backend, eos, pad, folder, _special_token(config, "bos_token"), *special_ids(folder))
+    return Tokenizer(backend, eos, pad, folder, _special_token(config, "bos_token"),
+                     *special_ids(backend, folder))
 
 
 def train_tokenizer(texts, vocab_size: int, out_dir: str | None = None, min_frequency: int = 2) -> Tokenizer:
