@@ -54,13 +54,8 @@ def pick_device(choice: str) -> torch.device:
 
 def model_args_for(cfg: JobConfig, vocab_size: int) -> ModelArgs:
     """The flavor (or the args file), with the tokenizer's vocabulary and this run's settings."""
-    if cfg.model.args_path:
-        args = load_model_args(cfg.model.args_path)
-    elif cfg.model.flavor in FLAVORS:
-        args = copy.deepcopy(FLAVORS[cfg.model.flavor])
-    else:
-        raise ConfigError(f"model.flavor = {cfg.model.flavor!r} is not known; choose one of {', '.join(FLAVORS)} "
-                          f"or set model.args_path")
+    # config.load has checked the flavor's name.
+    args = load_model_args(cfg.model.args_path) if cfg.model.args_path else copy.deepcopy(FLAVORS[cfg.model.flavor])
     if args.vocab_size == 0:
         args.vocab_size = vocab_size
     elif vocab_size > args.vocab_size:
