@@ -36,10 +36,11 @@ from dtcollie.optim.build import FUSED_OPTIMIZERS, build_optimizer
 from dtcollie.peft import save_lora_config
 from dtcollie.models.llama import FLAVORS, ModelArgs, Transformer, count_parameters, flops_per_token
 from dtcollie.parallel.build import check_layout, lora_settings, materialize, parallelize_model
-from dtcollie.parallel.mesh import ParallelDims
+from dtcollie.parallel.mesh import ParallelDims, data_parallel_mesh
 from dtcollie.parallel.pipeline import build_schedule
 from dtcollie.parallel.reduce import clip_global_grad_norm, sum_over
 from dtcollie.parallel.tied import TiedPipelineEmbedding
+from dtcollie.rank_warnings import filter_rank_warnings
 
 logger = logging.getLogger("dtcollie")
 
@@ -105,20 +106,21 @@ class Trainer:
         self.model_args = model_args_for(cfg, self.tokenizer.vocab_size)
         check_layout(cfg, self.model_args, self.dims, self.device)
         # Everything above is checked identically on every rank; from here on ranks communicate.
-        self.mesh = None
+        self.mesh = self.dp_mesh = None
         if world_size > 1:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             self.mesh = self.dims.build_mesh(self.device.type)
+            self.dp_mesh = data_parallel_mesh(self.mesh)
         torch.manual_seed(cfg.job.seed)
         self.model = parallelize_model(cfg, self.model_args, self.dims, self.mesh)
         materialize(self.model, self.model_args, cfg.checkpoint.initial_load_path, self.device, cfg.job.seed)
         # The loss_parallel() context works by DTensor dispatch, which a compiled loss bypasses.
         compile_loss = cfg.compile.enable and not (self.dims.tp > 1 and cfg.parallelism.loss_parallel)
         self.loss_fn = torch.compile(cross_entropy_sum) if compile_loss else cross_entropy_sum
-        self.dp_groups = [self.mesh["dp"].get_group()] if self.mesh is not None and self.dims.dp > 1 else []
+        self.dp_groups = [self.dp_mesh.get_group()] if self.mesh is not None and self.dims.dp > 1 else []
         self.pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
         # The step loss lives on the last pipeline stage and is split over data-parallel ranks.
         self.loss_groups = self.dp_groups + ([self.pp_group] if self.pp_group is not None else [])
@@ -155,7 +157,7 @@ class Trainer:
 
     def loader(self, split: str):
         training = self.cfg.training
-        dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+        dp_rank = self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
         return build_dataloader(self.cfg.data, self.tokenizer, training.seq_len, training.micro_batch_size,
                                 dp_rank, self.dims.dp, split, self.cfg.job.seed)
 
@@ -289,7 +291,7 @@ class Trainer:
     def run_evaluators(self) -> None:
         """The [eval] tasks on the training model, spread over data-parallel ranks."""
         self.model.train(False)
-        dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+        dp_rank = self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
         result, samples = self.eval_tasks.run(WholeLogits(self.model.parts[0]), self.tokenizer,
                                               self.cfg.training.seq_len, dp_rank, self.dims.dp,
                                               self.dp_groups[0] if self.dp_groups else None)
@@ -386,6 +388,7 @@ def main(argv: list[str]) -> None:
     cfg = config_module.load(config_path, overrides)
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
                         format="%(message)s")
+    filter_rank_warnings()
     try:
         Trainer(cfg).train()
     finally:

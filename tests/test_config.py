@@ -85,7 +85,8 @@ def test_help_lists_every_keys_choices():
 
     assert allowed_line("flavor") == "      choices: " + ", ".join(FLAVORS)
     assert allowed_line("name") == "      choices: adamw, lion, adan, sophiag, lomo, adalomo"
-    assert allowed_line("pp_schedule") == "      choices: GPipe, 1F1B, Interleaved1F1B, InterleavedZeroBubble, ZBVZeroBubble"
+    assert allowed_line("pp_schedule") == ("      choices: GPipe, 1F1B, Interleaved1F1B, InterleavedZeroBubble, "
+                                           "ZBVZeroBubble")
     assert allowed_line("target_modules") == "      items from: " + ", ".join(TARGETS)
     assert "or a comma list of layer counts" in next(line for line in lines if line.startswith("  pp_partition = "))
     assert allowed_line("lr").startswith("  weight_decay = ")  # no choices line for a free value
