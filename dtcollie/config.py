@@ -25,13 +25,32 @@ PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 PATH, WEIGHTED = "path", "weighted"
 
 
-def option(default, doc: str, choices: tuple = (), minimum=None, path: str | None = None):
-    """A config field with its one-line doc, allowed choices, lower bound (inclusive) and whether it
+def option(default, doc: str, choices=(), minimum=None, path: str | None = None):
+    """A config field with its one-line doc, allowed choices (of a list: of each item; a function
+    for names defined in a module that imports this one), lower bound (inclusive) and whether it
     holds input paths (resolved by `load`, see `resolve_path`)."""
     meta = {"doc": doc, "choices": choices, "minimum": minimum, "path": path}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def flavor_names() -> tuple:
+    from dtcollie.models.llama import FLAVORS  # imported late: dtcollie.models.llama imports this module
+
+    return tuple(FLAVORS)
+
+
+def lora_target_names() -> tuple:
+    from dtcollie.peft.lora import TARGETS  # imported late: reading a config needs no torch
+
+    return tuple(TARGETS)
+
+
+def field_choices(f: dataclasses.Field) -> tuple:
+    """A field's choices; empty when any value of its type goes."""
+    choices = f.metadata["choices"]
+    return choices() if callable(choices) else choices
 
 
 @dataclass
@@ -46,7 +65,7 @@ class Job:
 
 @dataclass
 class Model:
-    flavor: str = option("debug", "named model shape (see dtcollie.models.llama.FLAVORS)")
+    flavor: str = option("debug", "named model shape (dtcollie.models.llama.FLAVORS)", choices=flavor_names)
     args_path: str = option("", "model_args.json (from convert_hf_to_dcp) or HF config.json; overrides flavor",
                             path=PATH)
     attention: str = option("sdpa", "attention kernel: sdpa (any device) or flash (flash-attn, CUDA)",
@@ -221,8 +240,8 @@ class Peft:
                           "use_rslora)", minimum=0.0)
     dropout: float = option(0.0, "lora: dropout probability on the adapter input (below 1)", minimum=0.0)
     use_rslora: bool = option(False, "lora: rank-stabilised scale alpha / sqrt(rank) instead of alpha / rank")
-    target_modules: list = option(["wq", "wk", "wv", "wo"], "lora: projections to adapt, any of wq wk wv wo w1 w2 "
-                                  "w3 output")
+    target_modules: list = option(["wq", "wk", "wv", "wo"], "lora: projections to adapt",
+                                  choices=lora_target_names)
 
 
 @dataclass
@@ -343,8 +362,11 @@ def _check_values(config: JobConfig) -> None:
         section = getattr(config, section_name)
         for f in dataclasses.fields(section):
             value, key = getattr(section, f.name), f"{section_name}.{f.name}"
-            choices, minimum = f.metadata["choices"], f.metadata["minimum"]
-            if choices and value not in choices:
+            choices, minimum = field_choices(f), f.metadata["minimum"]
+            unknown = [item for item in value if item not in choices] if isinstance(value, list) else []
+            if choices and unknown:
+                raise ConfigError(f"{key} item {unknown[0]!r} is not allowed; choose from {', '.join(choices)}")
+            if choices and not isinstance(value, list) and value not in choices:
                 raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {', '.join(choices)}")
             if minimum is not None and (value < minimum or (isinstance(value, float) and math.isnan(value))):
                 raise ConfigError(f"{key} = {value!r} is too small; it must be >= {minimum}")
@@ -442,12 +464,16 @@ def to_toml(config: JobConfig) -> str:
 
 
 def reference() -> str:
-    """Every section and key with its default and doc, for --help."""
+    """Every section and key with its default, doc and allowed values, for --help."""
     lines = []
     config = JobConfig()
     for section_name in _section_fields(config):
-        lines.append(f"[{section_name}]")
+        lines.append(f"\n[{section_name}]")
         section = getattr(config, section_name)
         for f in dataclasses.fields(section):
-            lines.append(f"  {f.name} = {_toml_value(getattr(section, f.name))}    # {f.metadata['doc']}")
-    return "\n".join(lines)
+            value = getattr(section, f.name)
+            lines.append(f"  {f.name} = {_toml_value(value)}    # {f.metadata['doc']}")
+            if field_choices(f):
+                label = "items from" if isinstance(value, list) else "choices"
+                lines.append(f"      {label}: {', '.join(field_choices(f))}")
+    return "\n".join(lines).lstrip("\n")

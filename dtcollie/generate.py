@@ -28,6 +28,7 @@ from dtcollie.data.tokenizer import load_tokenizer
 from dtcollie.errors import UserError
 from dtcollie.generation import Sampling, generate
 from dtcollie.inference import DTYPES, build_inference_model, load_weights, pick_device, tokenizer_folder
+from dtcollie.rank_warnings import filter_rank_warnings
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -145,6 +146,7 @@ def main(argv: list[str]) -> None:
         raise UserError("nothing to generate from: give --prompt, --prompts or --chat")
     if options.chat and options.prompts:
         raise UserError("--chat takes one --prompt (a single turn) or none (interactive), not --prompts")
+    filter_rank_warnings()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if pick_device(options.device).type == "cuda" else "gloo")
     try:

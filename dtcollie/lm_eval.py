@@ -19,6 +19,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from dtcollie.cli import run_main
 from dtcollie.data.tokenizer import load_tokenizer
 from dtcollie.evals import continuation_tokens, loglikelihoods, start_token
 from dtcollie.generation import generate
@@ -65,4 +66,4 @@ class DtcollieLM(LM):
 
 
 if __name__ == "__main__":
-    cli_evaluate()
+    run_main(cli_evaluate)

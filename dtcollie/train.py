@@ -39,11 +39,12 @@ from dtcollie.optim.build import FUSED_OPTIMIZERS, build_optimizer
 from dtcollie.peft import save_lora_config
 from dtcollie.models.llama import FLAVORS, ModelArgs, Transformer, count_parameters, flops_per_token
 from dtcollie.parallel.build import check_layout, lora_settings, materialize, parallelize_model
-from dtcollie.parallel.mesh import ParallelDims
+from dtcollie.parallel.mesh import ParallelDims, data_parallel_mesh
 from dtcollie.parallel.pipeline import build_schedule
 from dtcollie.parallel.reduce import clip_global_grad_norm, sum_over
 from dtcollie.parallel.tied import TiedPipelineEmbedding
 from dtcollie.run_folder import RUN_CONFIG, describe_run_start, plan_run_start, remove_old_run
+from dtcollie.rank_warnings import filter_rank_warnings
 
 logger = logging.getLogger("dtcollie")
 
@@ -60,13 +61,8 @@ def model_args_for(cfg: JobConfig, vocab_size: int) -> ModelArgs:
     """The flavor (or the args file), with the tokenizer's vocabulary and this run's attention kernel.
     `max_seq_len` stays the model's own context (at least training.seq_len): it is what the saved
     model_args.json and an HF export say; the trainer builds its RoPE tables for seq_len only."""
-    if cfg.model.args_path:
-        args = load_model_args(cfg.model.args_path)
-    elif cfg.model.flavor in FLAVORS:
-        args = copy.deepcopy(FLAVORS[cfg.model.flavor])
-    else:
-        raise ConfigError(f"model.flavor = {cfg.model.flavor!r} is not known; choose one of {', '.join(FLAVORS)} "
-                          f"or set model.args_path")
+    # config.load has checked the flavor's name.
+    args = load_model_args(cfg.model.args_path) if cfg.model.args_path else copy.deepcopy(FLAVORS[cfg.model.flavor])
     if args.vocab_size == 0:
         args.vocab_size = vocab_size
     elif vocab_size > args.vocab_size:
@@ -118,13 +114,14 @@ class Trainer:
         check_layout(cfg, self.model_args, self.dims, self.device)
         self.run_start = plan_run_start(cfg)
         # Everything above is checked identically on every rank; from here on ranks communicate.
-        self.mesh = None
+        self.mesh = self.dp_mesh = None
         if world_size > 1:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             self.mesh = self.dims.build_mesh(self.device.type)
+            self.dp_mesh = data_parallel_mesh(self.mesh)
             dist.barrier()  # every rank has read the run folder before rank 0 changes it
         torch.manual_seed(cfg.job.seed)
         self.model = parallelize_model(cfg, self.model_args, self.dims, self.mesh)
@@ -132,7 +129,7 @@ class Trainer:
         # The loss_parallel() context works by DTensor dispatch, which a compiled loss bypasses.
         compile_loss = cfg.compile.enable and not (self.dims.tp > 1 and cfg.parallelism.loss_parallel)
         self.loss_fn = torch.compile(cross_entropy_sum) if compile_loss else cross_entropy_sum
-        self.dp_groups = [self.mesh["dp"].get_group()] if self.mesh is not None and self.dims.dp > 1 else []
+        self.dp_groups = [self.dp_mesh.get_group()] if self.mesh is not None and self.dims.dp > 1 else []
         self.pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
         # The step loss lives on the last pipeline stage and is split over data-parallel ranks.
         self.loss_groups = self.dp_groups + ([self.pp_group] if self.pp_group is not None else [])
@@ -192,7 +189,7 @@ class Trainer:
 
     def loader(self, split: str):
         training = self.cfg.training
-        dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+        dp_rank = self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
         return build_dataloader(self.cfg.data, self.tokenizer, training.seq_len, training.micro_batch_size,
                                 dp_rank, self.dims.dp, split, self.cfg.job.seed)
 
@@ -326,7 +323,7 @@ class Trainer:
     def run_evaluators(self) -> None:
         """The [eval] tasks on the training model, spread over data-parallel ranks."""
         self.model.train(False)
-        dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+        dp_rank = self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
         result, samples = self.eval_tasks.run(WholeLogits(self.model.parts[0]), self.tokenizer,
                                               self.cfg.training.seq_len, dp_rank, self.dims.dp,
                                               self.dp_groups[0] if self.dp_groups else None)
@@ -445,6 +442,7 @@ def main(argv: list[str]) -> None:
     cfg = config_module.load(config_path, overrides)
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
                         format="%(message)s")
+    filter_rank_warnings()
     try:
         Trainer(cfg).train()
     finally:

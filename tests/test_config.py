@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -6,6 +7,8 @@ import pytest
 
 from dtcollie import config
 from dtcollie.errors import ConfigError
+from dtcollie.models.llama import FLAVORS
+from dtcollie.peft.lora import TARGETS
 
 
 def write(tmp_path, text):
@@ -63,6 +66,9 @@ def test_cli_forms():
     ("[training\nsteps = 5\n", "is not valid TOML"),
     ("[optimizer]\nname = 'lion'\neps = 1e-6\n", "optimizer.eps does not apply to optimizer.name = 'lion'; its keys are"),
     ("[optimizer]\nname = 'adalomo'\nbeta1 = 0.9\n", "optimizer.beta1 does not apply to optimizer.name = 'adalomo'"),
+    ("[model]\nflavor = 'llama9'\n", "model.flavor = 'llama9' is not allowed; choose one of debug, llama2_7b,"),
+    ("[peft]\ntarget_modules = ['wq', 'q_proj']\n",
+     "peft.target_modules item 'q_proj' is not allowed; choose from wq, wk, wv, wo, w1, w2, w3, output"),
 ])
 def test_errors_name_the_key(tmp_path, toml, message):
     with pytest.raises(ConfigError) as err:
@@ -87,6 +93,26 @@ def test_entry_point_reports_one_line_and_exit_2(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "dtcollie.train", "--config", str(tmp_path / "no.toml")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "does not exist" in missing.stderr
+
+
+def test_help_lists_every_keys_choices():
+    result = subprocess.run([sys.executable, "-m", "dtcollie.train", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == ""
+    lines = result.stdout.splitlines()
+
+    def allowed_line(key: str) -> str:
+        return lines[lines.index(next(line for line in lines if line.startswith(f"  {key} = "))) + 1]
+
+    assert allowed_line("flavor") == "      choices: " + ", ".join(FLAVORS)
+    assert allowed_line("name") == "      choices: adamw, lion, adan, sophiag, lomo, adalomo"
+    assert allowed_line("pp_schedule") == ("      choices: GPipe, 1F1B, Interleaved1F1B, InterleavedZeroBubble, "
+                                           "ZBVZeroBubble")
+    assert allowed_line("target_modules") == "      items from: " + ", ".join(TARGETS)
+    assert "or a comma list of layer counts" in next(line for line in lines if line.startswith("  pp_partition = "))
+    assert allowed_line("lr").startswith("  weight_decay = ")  # no choices line for a free value
+    with_choices = [f for section in dataclasses.fields(config.JobConfig) for f in dataclasses.fields(section.type)
+                    if config.field_choices(f)]
+    assert len(with_choices) == sum(line.startswith(("      choices: ", "      items from: ")) for line in lines) == 13
 
 
 def test_shipped_configs_load_and_debug_is_the_default():

@@ -15,6 +15,7 @@ import json
 import random
 from pathlib import Path
 
+from dtcollie.cli import run_main
 from dtcollie.data.chat import make_chatml_tokenizer
 
 SEED = 4321
@@ -57,4 +58,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -17,6 +17,8 @@ import json
 import random
 from pathlib import Path
 
+from dtcollie.cli import run_main
+
 SEED = 1234
 VAL_FRACTION = 0.1
 
@@ -97,4 +99,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

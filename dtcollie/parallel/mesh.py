@@ -47,9 +47,12 @@ class ParallelDims:
         return " x ".join(f"{name} {getattr(self, name)}" for name in MESH_DIMS if getattr(self, name) > 1) or "1 process"
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        """One mesh with all four named dims (size-1 dims included, so code can always index them),
-        plus the flattened `dp` dim for data loading and loss sums."""
-        mesh = init_device_mesh(device_type, tuple(getattr(self, name) for name in MESH_DIMS),
+        """One mesh with all four named dims (size-1 dims included, so code can always index them)."""
+        return init_device_mesh(device_type, tuple(getattr(self, name) for name in MESH_DIMS),
                                 mesh_dim_names=MESH_DIMS)
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        return mesh
+
+
+def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """dp_replicate x dp_shard flattened into one `dp` dim, for data loading and loss sums. Keep the
+    result: torch deprecates slicing a flattened dim from the root mesh (mesh["dp"])."""
+    return mesh["dp_replicate", "dp_shard"]._flatten("dp")
