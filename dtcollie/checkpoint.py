@@ -20,6 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dtcollie.errors import CheckpointError
 
@@ -48,6 +49,21 @@ def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if "tok_embeddings.weight" in state_dict and is_tied(model):
         state_dict.pop("output.weight", None)
     return {stored_name(model, name): tensor for name, tensor in state_dict.items()}
+
+
+def copy_full_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy whole tensors (under stored names) into `model`'s parameters and buffers that `state`
+    holds; a DTensor takes its own shard. Every rank holds the whole tensor, so each slices locally:
+    no communication."""
+    with torch.no_grad():
+        for name, param in model_state_dict(model).items():
+            if name not in state:
+                continue
+            full = state[name].to(device=param.device, dtype=param.dtype)
+            if isinstance(param, DTensor):
+                full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+                param = param.to_local()
+            param.copy_(full)
 
 
 def is_tied(model: nn.Module) -> bool:

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dtcollie import config as config_module
-from dtcollie.checkpoint import check_shapes, load_weights_as_stored, model_state_dict
+from dtcollie.checkpoint import check_shapes, copy_full_tensors, load_weights_as_stored
 from dtcollie.errors import CheckpointError
 from dtcollie.models.hf import MODEL_ARGS_FILE, expected_shapes, load_hf_state_dict, load_model_args
 from dtcollie.models.llama import ModelArgs, Transformer
@@ -102,11 +101,5 @@ def build_inference_model(args: ModelArgs, state: dict[str, torch.Tensor], devic
         apply_tensor_parallel(model, tp_mesh, sequence_parallel=False, loss_parallel=False)
     model.to_empty(device=device)
     model.init_rope()
-    with torch.no_grad():
-        for name, param in model_state_dict(model).items():
-            full = state[name].to(device=device, dtype=dtype)
-            if isinstance(param, DTensor):  # every rank holds the whole tensor: slice locally, no traffic
-                full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-                param = param.to_local()
-            param.copy_(full)
+    copy_full_tensors(model, state)
     return model.eval()

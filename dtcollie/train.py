@@ -435,7 +435,9 @@ class Trainer:
 
 def main(argv: list[str]) -> None:
     if "--help" in argv or "-h" in argv:
-        print("usage: python -m dtcollie.train --config FILE [--section.key value ...]\n\nkeys and defaults:\n"
+        print("usage: python -m dtcollie.train --config FILE [--section.key value ...]\n\n"
+              "Input paths are relative to the config file's folder (command line: to the working directory); "
+              "dtcollie/assets/... are the files shipped in the package.\n\nkeys and defaults:\n"
               + config_module.reference())
         return
     config_path, overrides = config_module.parse_overrides(argv)

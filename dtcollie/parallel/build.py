@@ -12,8 +12,9 @@ import torch._functorch.config
 import torch._inductor.config
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
-from dtcollie.checkpoint import load_model_weights
+from dtcollie.checkpoint import copy_full_tensors, load_model_weights, model_state_dict
 from dtcollie.config import JobConfig
 from dtcollie.errors import ConfigError
 from dtcollie.models.llama import ModelArgs, Transformer, check_attention
@@ -162,6 +163,33 @@ def materialize(model: ParallelModel, args: ModelArgs, initial_load_path: str, d
         with torch.device("meta"):
             whole = Transformer(args)
         load_model_weights(model.parts, initial_load_path, reference=whole)
+    elif device.type == "cpu" and any(is_partial(part) for part in model.parts):
+        init_as_one_process(model, args, seed)
     else:
         for part in model.parts:
             part.init_weights()
+
+
+def is_partial(part: nn.Module) -> bool:
+    """Whether `part` holds less than the whole model: a pipeline stage, or DTensor shards."""
+    return (part.tok_embeddings is None or part.norm is None
+            or any(isinstance(p, DTensor) for p in part.parameters()))
+
+
+def init_as_one_process(model: ParallelModel, args: ModelArgs, seed: int) -> None:
+    """The random initial weights one process would draw, on a layout that splits the model.
+
+    Each rank draws its own parts alike from the same seed, so without this a pipeline stage would
+    repeat the first stage's draws and, on CPU (where torch keeps no DTensor RNG tracker), every
+    shard the first shard's. On CPU (a test and debug device) each rank initialises the whole
+    model once in host memory and keeps its share; GPU layouts keep their own init."""
+    dtype = next(p.dtype for part in model.parts for p in part.parameters())
+    torch.manual_seed(seed)  # as the trainer seeded before building: one process draws from here
+    with torch.device("meta"):
+        whole = Transformer(args)
+    whole.to(dtype=dtype).to_empty(device="cpu")
+    whole.init_weights()
+    state = model_state_dict(whole)
+    for part in model.parts:
+        part.init_rope()
+        copy_full_tensors(part, state)

@@ -15,7 +15,8 @@ from dtcollie.metrics import read_losses
 
 COMMON = ["--config", "train_configs/debug.toml", "--training.seq_len", "32", "--training.eval_interval", "0",
           "--metrics.log_freq", "1", "--metrics.enable_tensorboard", "false", "--lr_scheduler.warmup_steps", "0",
-          "--lr_scheduler.decay_type", "constant", "--optimizer.lr", "3e-3", "--checkpoint.interval", "3", *ONE_NOVEL]
+          "--lr_scheduler.decay_type", "constant", "--optimizer.lr", "3e-3", "--checkpoint.interval", "3",
+          "--checkpoint.save_weights", "false", *ONE_NOVEL]
 DP2_TP2 = ["--parallelism.tp", "2", "--training.micro_batch_size", "2"]  # 2 micro-batches per rank
 
 

@@ -23,7 +23,7 @@ LAYOUTS = {"one_process": (1, []), "dp_shard2": (2, ["--training.micro_batch_siz
 def job(folder: Path, weights: Path, tasks: Path, overrides: list[str]) -> list[str]:
     return ["--config", "train_configs/debug.toml", "--training.steps", "4", "--training.seq_len", "32",
             "--training.eval_interval", "2", "--training.eval_steps", "1", "--metrics.enable_tensorboard", "false",
-            "--eval.choice_files", str(tasks / "mc.jsonl"), "--eval.generation_files", str(tasks / "gen.jsonl"),
+            "--checkpoint.save_weights", "false", "--eval.choice_files", str(tasks / "mc.jsonl"), "--eval.generation_files", str(tasks / "gen.jsonl"),
             "--eval.max_new_tokens", "4", "--eval.batch_size", "3", "--checkpoint.initial_load_path", str(weights),
             "--job.dump_folder", str(folder), *ONE_NOVEL, *overrides]
 

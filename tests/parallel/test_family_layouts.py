@@ -30,7 +30,7 @@ FAMILIES = {
 }
 COMMON = ["--config", "train_configs/debug.toml", "--training.steps", str(STEPS), "--training.seq_len", "32",
           "--training.eval_interval", "0", "--metrics.log_freq", "1", "--metrics.enable_tensorboard", "false",
-          "--training.global_batch_size", "8", "--lr_scheduler.warmup_steps", "0"]
+          "--training.global_batch_size", "8", "--lr_scheduler.warmup_steps", "0", "--checkpoint.save_weights", "false"]
 LAYOUTS = {  # name: (processes, overrides)
     "dp_shard2": (2, ["--training.micro_batch_size", "4"]),
     "tp2": (2, ["--parallelism.tp", "2"]),

@@ -22,7 +22,7 @@ from dtcollie.metrics import read_losses, read_records
 STEPS = 5
 COMMON = ["--training.steps", str(STEPS), "--training.seq_len", "32", "--metrics.log_freq", "1",
           "--training.eval_interval", "0", "--metrics.enable_tensorboard", "false",
-          "--training.global_batch_size", "8", *ONE_NOVEL]
+          "--training.global_batch_size", "8", "--checkpoint.save_weights", "false", *ONE_NOVEL]
 THREADS = (1, 2)  # OpenMP threads of the single-process references
 
 
@@ -101,7 +101,8 @@ def test_bf16_pipeline_computes_in_bf16(tmp_path, weights, reference):
     assert max(abs(a - b) / b for a, b in zip(losses, reference[1])) > 1e-6  # not an fp32 run
 
 
-BF16_WEIGHTS = ["--training.mixed_precision", "bf16_weights", "--optimizer.name", "adalomo", "--optimizer.lr", "1e-2"]
+BF16_WEIGHTS = ["--training.mixed_precision", "bf16_weights", "--optimizer.name", "adalomo", "--optimizer.lr", "1e-2",
+                "--checkpoint.save_weights", "true"]
 
 
 def saved_dtypes(folder: Path) -> set[torch.dtype]:

@@ -23,7 +23,7 @@ def run(folder: Path, weights: Path, corpora: Path, steps: int, overrides: list[
     return ["--config", "train_configs/debug.toml", "--training.seq_len", "32", "--training.eval_interval", "0",
             "--metrics.log_freq", "1", "--metrics.enable_tensorboard", "false", "--lr_scheduler.warmup_steps", "0",
             "--lr_scheduler.decay_type", "constant", "--optimizer.lr", "3e-3", "--checkpoint.interval", "3",
-            "--data.kind", "tokens", "--data.sources", f"{corpora / 'books'}:3,{corpora / 'answers'}:1",
+            "--checkpoint.save_weights", "false", "--data.kind", "tokens", "--data.sources", f"{corpora / 'books'}:3,{corpora / 'answers'}:1",
             "--data.document_mask", "true", "--checkpoint.initial_load_path", str(weights),
             "--job.dump_folder", str(folder), "--training.steps", str(steps), *overrides]
 

@@ -1,16 +1,13 @@
-"""A run's weights become an HF folder that transformers loads alone: tokenizer, context length,
-RoPE settings, special-token ids and a generation config that stops at EOS."""
+"""A fine-tuned HF model's export keeps the source's context length, RoPE settings, special-token
+ids and generation config (the debug model's export: tests/test_installed.py)."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dtcollie.inference import build_inference_model, load_weights
-from dtcollie.models.llama import FLAVORS
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = ["--training.steps", "2", "--training.seq_len", "32", "--training.eval_interval", "0",
@@ -21,28 +18,6 @@ def run(*command: str, cwd: Path) -> str:
     result = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=600, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
-
-
-def test_the_default_run_exports_a_folder_transformers_loads_alone(tmp_path):
-    """From a working directory outside the checkout: the embedded default trains, keeps its
-    weights, and the export loads with no extra arguments and computes dtcollie's logits."""
-    out = run("-m", "dtcollie.train", *QUICK, "--job.dump_folder", "run", cwd=tmp_path)
-    assert f"weights      {Path('run') / 'weights'}" in out
-    run(str(ROOT / "tools/convert_dcp_to_hf.py"), "--dcp", "run/weights", "--out", "hf", cwd=tmp_path)
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert model.config.max_position_embeddings == FLAVORS["debug"].max_seq_len != 32  # the model's, not seq_len
-    eos = tokenizer.eos_token_id
-    assert eos == tokenizer.convert_tokens_to_ids("<|endoftext|>") == model.config.eos_token_id
-    assert model.generation_config.eos_token_id == eos and model.config.pad_token_id == tokenizer.pad_token_id
-    ids = tokenizer("It is a truth universally acknowledged", return_tensors="pt").input_ids
-    ours = build_inference_model(*load_weights(tmp_path / "run" / "weights"), torch.device("cpu"))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
-        boost = torch.nn.functional.one_hot(torch.tensor(eos), model.config.vocab_size) * 1e4
-        model.lm_head.register_forward_hook(lambda module, inputs, logits: logits + boost)  # EOS always wins
-        generated = model.generate(ids, max_new_tokens=10, do_sample=False)
-    assert generated[0, ids.shape[1]:].tolist() == [eos]  # generation stopped at the first EOS
 
 
 def test_an_hf_model_keeps_its_context_rope_and_tokens_through_fine_tuning(tmp_path):
