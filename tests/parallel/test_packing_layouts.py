@@ -8,7 +8,6 @@ in fp32 (one process) to 1e-5. A control runs the packed rows without their posi
 the losses must move by far more than the bar, so the comparison can fail.
 """
 
-import dataclasses
 
 import pytest
 import torch
