@@ -70,6 +70,8 @@ def plan_run_start(config: JobConfig) -> RunStart:
     if not present:
         return RunStart()
     latest = latest_resumable(folder / "checkpoints")
+    if latest is None and never_stepped(folder, present):
+        return RunStart(replace_old=True)  # a start that failed before its first step: nothing to keep
     if latest is None and "weights" in present:
         raise ConfigError(f"{folder} holds a finished run (its weights are in {folder / 'weights'}); {way_out}")
     if latest is None:
@@ -88,6 +90,13 @@ def plan_run_start(config: JobConfig) -> RunStart:
         raise ConfigError(f"the run in {folder} is finished ({latest.name} of training.steps = "
                           f"{config.training.steps}); raise training.steps to continue it, or {way_out}")
     return start
+
+
+def never_stepped(folder: Path, present: list[str]) -> bool:
+    """Whether the folder's run recorded no step and saved nothing (it stopped during start-up)."""
+    metrics = folder / "metrics.jsonl"
+    return ("checkpoints" not in present and "weights" not in present
+            and (not metrics.is_file() or metrics.stat().st_size == 0))
 
 
 def changeable(key: str) -> bool:

@@ -69,6 +69,13 @@ def test_steps_logged_after_the_last_checkpoint_are_dropped_on_resume(tmp_path):
     assert logged_steps(tmp_path) == [1, 2, 3, 4, 5]
 
 
+def test_a_start_that_failed_before_its_first_step_is_simply_replaced(tmp_path):
+    (tmp_path / "config.toml").write_text("[training]\nsteps = 99\n")
+    (tmp_path / "metrics.jsonl").write_text("")
+    Trainer(job(tmp_path, ("training.steps", "1"))).train()
+    assert logged_steps(tmp_path) == [1] and "steps = 1\n" in (tmp_path / "config.toml").read_text()
+
+
 def test_a_folder_with_files_but_no_checkpoint_is_refused(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     with pytest.raises(ConfigError, match=r"already holds a run \(metrics.jsonl\) with no checkpoint to resume"):
