@@ -375,8 +375,10 @@ class Trainer:
         lines = [f"run {how}: step {self.step} of {cfg.training.steps} in {format_duration(seconds)}"
                  + (f" | {losses}" if losses else "")]
         if self.step == cfg.training.steps and cfg.checkpoint.save_weights:
-            lines.append(f"  weights      {self.weights_folder}  (convert: python tools/convert_dcp_to_hf.py --dcp "
-                         f"{self.weights_folder} --out HF_FOLDER)")
+            export = (f"tools/export_lora.py --checkpoint {self.weights_folder} --out ADAPTER_FOLDER --merge-into "
+                      f"HF_FOLDER" if lora_settings(cfg) is not None
+                      else f"tools/convert_dcp_to_hf.py --dcp {self.weights_folder} --out HF_FOLDER")
+            lines.append(f"  weights      {self.weights_folder}  (export: python {export})")
         if self.checkpointer.last_saved_step is not None:
             lines.append(f"  checkpoint   {self.checkpointer.folder / f'step-{self.checkpointer.last_saved_step}'}"
                          + ("  (the same command resumes it)" if self.step < cfg.training.steps else ""))
