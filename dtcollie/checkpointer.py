@@ -1,7 +1,8 @@
 """Resumable training checkpoints: DCP folders `<dump_folder>/checkpoints/step-N`.
 
-A checkpoint is one flat dict of tensors, so that loading unpickles nothing but the allow-listed
-DCP metadata (DCP would `torch.load(weights_only=False)` any non-tensor entry):
+A checkpoint is one flat dict of tensors collected from the trainer's stateful components
+(`dtcollie.train_state`), so that loading unpickles nothing but the allow-listed DCP metadata (DCP
+would `torch.load(weights_only=False)` any non-tensor entry):
 
 - `model.<name>`: the trainable weights (with LoRA only the adapters; the frozen base weights come
   from `checkpoint.initial_load_path` again on resume);
@@ -24,7 +25,6 @@ weights folder also holds `model_args.json` (and `lora.json` for LoRA runs) and 
 files, so the tools can read it alone.
 """
 
-import json
 import logging
 import re
 import shutil
@@ -36,7 +36,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
 from dtcollie.checkpoint import (SafeFileSystemReader, check_shapes, checkpoint_shapes, model_state_dict,
-                                 read_checkpoint_metadata, single_process_dcp, stored_name)
+                                 read_checkpoint_metadata, single_process_dcp)
 from dtcollie.config import Checkpoint as CheckpointConfig
 
 log = logging.getLogger("dtcollie")
@@ -46,62 +46,8 @@ PARTIAL_SUFFIX = ".partial"
 _STEP_FOLDER = re.compile(r"step-(\d+)")
 
 
-def json_tensor(value) -> torch.Tensor:
-    return torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
-
-
-def from_json_tensor(tensor: torch.Tensor):
-    return json.loads(bytes(tensor.tolist()).decode())
-
-
 def is_resumable(folder: str | Path) -> bool:
     return STEP_KEY in read_checkpoint_metadata(folder).state_dict_metadata
-
-
-def trainable_state(parts: list) -> dict[str, torch.Tensor]:
-    """The weights a checkpoint stores: every trainable parameter of this rank's model parts."""
-    state = {}
-    for part in parts:
-        trainable = {stored_name(part, name) for name, p in part.named_parameters() if p.requires_grad}
-        state.update({name: t for name, t in model_state_dict(part).items() if name in trainable})
-    return state
-
-
-def optimizer_state(optimizer: torch.optim.Optimizer, parts: list) -> dict[str, torch.Tensor]:
-    """Each parameter's optimizer state under `<parameter name>.<state name>` (its stored name: a
-    tied output copy's state is the embedding's, which it equals)."""
-    state = {}
-    for part in parts:
-        for name, param in part.named_parameters():
-            for key, value in optimizer.state.get(param, {}).items():
-                state[f"{stored_name(part, name)}.{key}"] = value
-    scaler = getattr(optimizer, "scaler", None)
-    if scaler is not None:
-        state["loss_scaler.scale"] = torch.tensor(scaler.scale, dtype=torch.float64)
-        state["loss_scaler.clean_steps"] = torch.tensor(scaler.clean_steps)
-    return state
-
-
-def init_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
-    """Create every parameter's state (torch optimizers create it lazily, on the first step) with one
-    step on zero gradients at lr 0, so that a checkpoint can be loaded into it in place."""
-    for param in params:
-        param.grad = torch.zeros_like(param)
-    lrs = [group["lr"] for group in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
-    optimizer.step()
-    for group, lr in zip(optimizer.param_groups, lrs):
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-
-
-def _prefixed(prefix: str, entries: dict) -> dict:
-    return {f"{prefix}.{key}": value for key, value in entries.items()}
-
-
-def _unprefixed(prefix: str, entries: dict) -> dict:
-    return {key[len(prefix) + 1:]: value for key, value in entries.items() if key.startswith(f"{prefix}.")}
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
@@ -147,10 +93,10 @@ class Checkpointer:
             if self.rank == 0:
                 shutil.rmtree(partial, ignore_errors=True)
 
-    def save(self, step: int, state: dict[str, torch.Tensor], write_files=None) -> None:
-        """Write `state` to step-<step> (atomically); with async_mode the write finishes in the
-        background. `write_files(folder)`, run on rank 0, adds small files (model_args.json, ...)."""
-        self._write(self.folder / f"step-{step}", state, write_files, self.cfg.async_mode == "async")
+    def save(self, step: int, components: dict, write_files=None) -> None:
+        """Write the components' state to step-<step> (atomically); with async_mode the write finishes
+        in the background. `write_files(folder)`, run on rank 0, adds small files (model_args.json, ...)."""
+        self._write(self.folder / f"step-{step}", flat_state(components), write_files, self.cfg.async_mode == "async")
         self.last_saved_step = step
 
     def save_weights(self, folder: Path, state: dict[str, torch.Tensor], write_files) -> None:
@@ -185,17 +131,23 @@ class Checkpointer:
         future.result()
         self._publish(partial, final)
 
-    def load(self, folder: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Load `folder` into `state` in place (after checking every key and shape) and return it;
-        `lr_scheduler` is read as stored (its size is the checkpoint's)."""
+    def load(self, folder: Path, components: dict) -> None:
+        """Load `folder` into the components (after checking every key and shape). Byte entries
+        (JSON, RNG states) are read at their stored size."""
+        for component in components.values():
+            if hasattr(component, "prepare_to_load"):
+                component.prepare_to_load()
+        state = flat_state(components)
         shapes = checkpoint_shapes(read_checkpoint_metadata(folder))
+        sized = {name for name, t in state.items() if t.dtype == torch.uint8 and name in shapes}
         # Other pipeline stages' entries are in the checkpoint too: only this rank's must match.
-        check_shapes(shapes, {name: tuple(t.shape) for name, t in state.items() if name != "lr_scheduler"},
+        check_shapes(shapes, {name: tuple(t.shape) for name, t in state.items() if name not in sized},
                      f"checkpoint {folder}", allow_unexpected=True)
-        state = {**state, "lr_scheduler": torch.empty(shapes["lr_scheduler"], dtype=torch.uint8)}
+        state.update({name: torch.empty(shapes[name], dtype=torch.uint8) for name in sized})
         with single_process_dcp():
             dcp.load(state, storage_reader=SafeFileSystemReader(folder), no_dist=not self.use_dist)
-        return state
+        for name, component in components.items():
+            component.load_state_dict(entries_of(state, name))
 
     def _publish(self, partial: Path, final: Path) -> None:
         """Make a complete checkpoint visible, then drop the oldest beyond keep_latest_k (rank 0)."""
@@ -218,32 +170,15 @@ def weights_state(parts: list) -> dict[str, torch.Tensor]:
     return {name: t for part in parts for name, t in model_state_dict(part).items()}
 
 
-def training_state(trainer) -> dict[str, torch.Tensor]:
-    """The flat tensor dict a checkpoint holds for this rank (see the module docstring)."""
-    state = {**_prefixed("model", trainable_state(trainer.model.parts)),
-             **_prefixed("optimizer", optimizer_state(trainer.optimizer, trainer.model.parts)),
-             "lr_scheduler": json_tensor(trainer.scheduler.state_dict()),
-             **_prefixed("dataloader", trainer.train_loader.position()),
-             "rng.cpu": torch.get_rng_state(),
-             STEP_KEY: torch.tensor(trainer.step)}
-    if trainer.device.type == "cuda":
-        state["rng.cuda"] = torch.cuda.get_rng_state(trainer.device)
-    return state
+def flat_state(components: dict) -> dict[str, torch.Tensor]:
+    """One flat dict of the components' tensors: component `name`'s key `k` as `name.k`, "" as `name`."""
+    return {f"{name}.{key}" if key else name: value
+            for name, component in components.items() for key, value in component.state_dict().items()}
 
 
-def resume(trainer, folder: Path) -> None:
-    """Continue `trainer` from `folder`: weights, optimizer state, LR schedule, data position, RNG, step."""
-    init_optimizer_state(trainer.optimizer, [p for p in trainer.model.parameters() if p.requires_grad])
-    state = trainer.checkpointer.load(folder, training_state(trainer))
-    scaler = getattr(trainer.optimizer, "scaler", None)
-    if scaler is not None:
-        scaler.scale = float(state["optimizer.loss_scaler.scale"])
-        scaler.clean_steps = int(state["optimizer.loss_scaler.clean_steps"])
-    trainer.scheduler.load_state_dict(from_json_tensor(state["lr_scheduler"]))
-    for group, lr in zip(trainer.optimizer.param_groups, trainer.scheduler.get_last_lr()):
-        group["lr"] = lr
-    trainer.train_loader.restore(_unprefixed("dataloader", state))
-    torch.set_rng_state(state["rng.cpu"])
-    if "rng.cuda" in state:
-        torch.cuda.set_rng_state(state["rng.cuda"], trainer.device)
-    trainer.step = int(state[STEP_KEY])
+def entries_of(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """Component `name`'s entries of a flat state, under its own keys (the inverse of flat_state)."""
+    entries = {key[len(name) + 1:]: value for key, value in state.items() if key.startswith(f"{name}.")}
+    if name in state:
+        entries[""] = state[name]
+    return entries

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from dtcollie.errors import ConfigError
+from dtcollie.optim.registry import OPTIMIZERS
+from dtcollie.precision import BF16_COMPUTE
 
-BF16_COMPUTE = ("bf16", "bf16_weights")  # the training.mixed_precision values whose math runs in bf16
 # Input paths starting with this name the files shipped inside the package, wherever it is installed.
 ASSETS_PREFIX = "dtcollie/assets/"
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent
@@ -111,31 +112,21 @@ class Training:
     device: str = option("auto", "auto picks CUDA when available, else CPU", choices=("auto", "cpu", "cuda"))
 
 
-OPTIMIZER_DEFAULT_BETAS = {"adamw": (0.9, 0.95), "lion": (0.9, 0.99), "adan": (0.98, 0.92, 0.99),
-                           "sophiag": (0.965, 0.99)}
-# Keys each optimizer reads besides name, lr and weight_decay; setting any other is an error.
-OPTIMIZER_KEYS = {
-    "adamw": {"beta1", "beta2", "eps", "implementation"},
-    "lion": {"beta1", "beta2"},
-    "adan": {"beta1", "beta2", "beta3", "eps", "no_prox"},
-    "sophiag": {"beta1", "beta2", "rho", "hessian_interval"},
-    "lomo": {"clip_grad_value"},
-    "adalomo": {"clip_grad_value", "clip_threshold", "decay_rate"},
-}
+def default_betas(index: int) -> str:
+    """The registry's published defaults for decay rate `index`, for a key's one-line doc."""
+    return ", ".join(f"{name} {spec.betas[index]}" for name, spec in OPTIMIZERS.items() if len(spec.betas) > index)
 
 
 @dataclass
 class Optimizer:
     name: str = option("adamw", "optimizer; lomo and adalomo update inside backward (no gradient accumulation)",
-                       choices=tuple(OPTIMIZER_KEYS))
+                       choices=tuple(OPTIMIZERS))
     lr: float = option(1e-3, "peak learning rate", minimum=0.0)
     weight_decay: float = option(0.1, "weight decay (decoupled; norms excluded for adamw/lion/adan/sophiag)",
                                  minimum=0.0)
-    beta1: float = option(-1.0, "first decay rate; -1: the optimizer's default (adamw 0.9, lion 0.9, adan 0.98, "
-                          "sophiag 0.965)", minimum=-1.0)
-    beta2: float = option(-1.0, "second decay rate; -1: the optimizer's default (adamw 0.95, lion 0.99, adan 0.92, "
-                          "sophiag 0.99)", minimum=-1.0)
-    beta3: float = option(-1.0, "adan: third decay rate; -1: 0.99", minimum=-1.0)
+    beta1: float = option(-1.0, f"first decay rate; -1: the optimizer's default ({default_betas(0)})", minimum=-1.0)
+    beta2: float = option(-1.0, f"second decay rate; -1: the optimizer's default ({default_betas(1)})", minimum=-1.0)
+    beta3: float = option(-1.0, f"third decay rate; -1: the optimizer's default ({default_betas(2)})", minimum=-1.0)
     eps: float = option(1e-8, "adamw, adan: denominator epsilon", minimum=0.0)
     implementation: str = option("auto", "adamw kernel: auto (= fused, on CUDA and CPU), fused, foreach, for-loop",
                                  choices=("auto", "fused", "foreach", "for-loop"))
@@ -151,7 +142,7 @@ class Optimizer:
         """This optimizer's betas, with -1 entries replaced by its defaults."""
         chosen = (self.beta1, self.beta2, self.beta3)
         return tuple(default if value == -1.0 else value
-                     for value, default in zip(chosen, OPTIMIZER_DEFAULT_BETAS[self.name]))
+                     for value, default in zip(chosen, OPTIMIZERS[self.name].betas))
 
 
 @dataclass
@@ -373,7 +364,7 @@ def _check_values(config: JobConfig) -> None:
     # A key of another optimizer set away from its default would be silently ignored: refuse it.
     # (Defaults are allowed, so an effective config.toml, which lists every key, loads again.)
     optimizer = config.optimizer
-    allowed = OPTIMIZER_KEYS[optimizer.name] | {"name", "lr", "weight_decay"}
+    allowed = OPTIMIZERS[optimizer.name].keys | {"name", "lr", "weight_decay"}
     foreign = [f"optimizer.{f.name}" for f in dataclasses.fields(optimizer)
                if f.name not in allowed and getattr(optimizer, f.name) != f.default]
     if foreign:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dtcollie.config import BF16_COMPUTE
+from dtcollie.precision import BF16_COMPUTE
 
 logger = logging.getLogger("dtcollie")
 

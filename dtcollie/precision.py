@@ -3,7 +3,7 @@ updates run in."""
 
 import torch
 
-from dtcollie.config import BF16_COMPUTE
+BF16_COMPUTE = ("bf16", "bf16_weights")  # the training.mixed_precision values whose math runs in bf16
 
 
 def compute_dtype(mixed_precision: str) -> torch.dtype:

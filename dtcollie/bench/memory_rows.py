@@ -13,6 +13,7 @@ None clips gradients, so LOMO/AdaLomo run one backward per step. The LoRA row tr
 with AdamW on a frozen bf16 base, as a LoRA fine-tune of bf16 weights would.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,20 +24,15 @@ from dtcollie.config import Optimizer as OptimizerConfig
 from dtcollie.loss import cross_entropy_sum
 from dtcollie.loss_chunked import chunked_lm_loss_sum
 from dtcollie.models.llama import ModelArgs, Transformer
-from dtcollie.optim.build import FUSED_OPTIMIZERS, build_optimizer
-from dtcollie.optim.sophia import SophiaG
+from dtcollie.optim.protocol import Pass, backward_passes
+from dtcollie.optim.registry import OPTIMIZERS, build_optimizer, is_fused
 from dtcollie.parallel.activation import apply_activation_checkpointing
 from dtcollie.peft import apply_lora, init_lora
 
 REFERENCE_PACKAGE = "pytorch-optimizer"
 REFERENCE_ROWS = {f"lomo({REFERENCE_PACKAGE})": "LOMO", f"adalomo({REFERENCE_PACKAGE})": "AdaLOMO"}
 OPTIMIZER_STATE = {
-    "adamw": "fused AdamW, 2 fp32 states",
-    "lion": "Lion, 1 state",
-    "adan": "Adan, 4 states (m, v, n, previous grad)",
-    "sophiag": "SophiaG, 2 states; update_hessian() every step",
-    "lomo": "LOMO: SGD fused into backward, no state",
-    "adalomo": "AdaLomo fused into backward, factored row/col state",
+    **{name: spec.about for name, spec in OPTIMIZERS.items()},
     "lora": "LoRA rank 8 on every block projection: frozen base, fp32 adapters + AdamW states, bf16 autocast",
 }
 LORA_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
@@ -59,7 +55,8 @@ class BenchSpec:
 
 def holds_bf16_weights(row: str, dtype: str) -> bool:
     """Whether the row's weights themselves are bf16 (else fp32, under bf16 autocast when dtype is bf16)."""
-    return dtype == "bf16" and (row in ("forward-only", "lora") or row in FUSED_OPTIMIZERS or row in REFERENCE_ROWS)
+    fused = row in OPTIMIZERS and is_fused(row)
+    return dtype == "bf16" and (row in ("forward-only", "lora") or fused or row in REFERENCE_ROWS)
 
 
 def row_notes(row: str, dtype: str) -> str:
@@ -115,25 +112,30 @@ def build_step(spec: BenchSpec) -> Callable[[], None]:
 
     name = "adamw" if spec.row == "lora" else spec.row
     optimizer = build_optimizer(OptimizerConfig(name=name, lr=LR), [model], max_norm=0.0)
-    if spec.row in FUSED_OPTIMIZERS:
-        return lambda: optimizer.fused_backward(loss())
-    return optimizer_step(optimizer, loss, labels.numel())
+    return lambda: optimizer.train_step(BenchBatch(model, loss, labels.numel()))
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: Callable[[], torch.Tensor],
-                   tokens: int) -> Callable[[], None]:
-    """backward, step, free the gradients. SophiaG folds this step's own gradients into its Hessian
-    estimate: the state and the memory are those of a real Gauss-Newton-Bartlett pass."""
-    def step() -> None:
-        loss().backward()
-        if isinstance(optimizer, SophiaG):
-            optimizer.update_hessian()
-            optimizer.step(bs=tokens)
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+class BenchBatch:
+    """The trainer's GlobalBatch for one unpipelined micro-batch. Every step counts as step 1, so
+    SophiaG runs its Hessian pass every step (on the real labels: the same memory as sampled ones)."""
 
-    return step
+    step = 1
+
+    def __init__(self, model: nn.Module, loss: Callable[[], torch.Tensor], tokens: int):
+        self.model, self.loss, self.tokens = model, loss, tokens
+
+    def backward(self, sampled_labels: bool = False) -> torch.Tensor:
+        loss = self.loss()
+        loss.backward()
+        return loss.detach()
+
+    def backward_passes(self, passes: list[Pass]) -> torch.Tensor:
+        loss = self.loss()
+        backward_passes(loss, passes)
+        return loss.detach()
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm or math.inf)
 
 
 def reference_step(row: str, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:

@@ -21,6 +21,7 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from dtcollie.data.dataset import build_dataset
 from dtcollie.data.stream import TokenStream
 from dtcollie.errors import DataError
+from dtcollie.torch_private import loader_batches_yielded, loader_finished
 
 # torchdata 0.11 calls torch.set_vital, which torch 2.13 deprecates: noise on every run, not ours to fix.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
@@ -41,7 +42,7 @@ class ResumableLoader(StatefulDataLoader):
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         self.sampler.set_epoch(state_dict.pop("epoch", 0))
-        super().load_state_dict({} if state_dict.get("_iterator_finished") else state_dict)
+        super().load_state_dict({} if loader_finished(state_dict) else state_dict)
 
     def seek(self, epoch: int, batches: int) -> None:
         """Continue at batch `batches` of `epoch`, as if this loader had drawn that many (a resume
@@ -63,7 +64,7 @@ class ResumableLoader(StatefulDataLoader):
         """The epoch and the sequences of its global order consumed by all ranks together."""
         per_batch = self.batch_size * self.sampler.num_replicas
         return {"epoch": torch.tensor(self.sampler.epoch),
-                "sequences": torch.tensor(self.state_dict()["_num_yielded"] * per_batch)}
+                "sequences": torch.tensor(loader_batches_yielded(self.state_dict()) * per_batch)}
 
     def restore(self, position: dict[str, torch.Tensor]) -> None:
         self.seek(int(position["epoch"]), int(position["sequences"]) // (self.batch_size * self.sampler.num_replicas))

@@ -29,7 +29,7 @@ try:
 except ImportError:
     flash_attn_func = flash_attn_varlen_func = None
 
-from dtcollie.config import BF16_COMPUTE
+from dtcollie.precision import BF16_COMPUTE
 from dtcollie.errors import ConfigError
 
 

@@ -29,8 +29,8 @@ import math
 import torch
 from torch import nn
 
-from dtcollie.optim.fused import (PIECE, FusedOptimizer, drop_dim_placements, global_mean_square, like_param,
-                                  local, sum_over)
+from dtcollie.optim.fused import (PIECE, FusedOptimizer, build_fused, drop_dim_placements, global_mean_square,
+                                  like_param, local, sum_over_shards)
 from dtcollie.precision import accumulation_dtype
 
 
@@ -89,7 +89,7 @@ class AdaLomo(FusedOptimizer):
                 yield self.prepared(block).mul_(row_factor[:, rows]).mul_(col_factor)
 
         square = sum(torch.linalg.vector_norm(update).square() for update in update_blocks())
-        update_rms = (sum_over(square, param) / param.numel()).sqrt()
+        update_rms = (sum_over_shards(square, param) / param.numel()).sqrt()
         step_size = lr / (update_rms / group["clip_threshold"]).clamp(min=1.0)
         for p_block, update in zip(row_blocks(p_local), update_blocks()):
             p32 = p_block.to(accumulation_dtype(p_block.dtype))  # float32 itself: no copy
@@ -110,10 +110,10 @@ class AdaLomo(FusedOptimizer):
         col_sum = sum(torch.linalg.vector_norm(self.prepared(g), dim=-2).square() for g in grad_blocks)
         row_sum = row_sum.view(row.shape) + eps1 * local_cols
         col_sum = col_sum.view(col.shape) + eps1 * local_rows
-        row.mul_(beta2t).add_(sum_over(row_sum, param, [ndim - 1]) / param.shape[-1], alpha=1.0 - beta2t)
-        col.mul_(beta2t).add_(sum_over(col_sum, param, [ndim - 2]) / param.shape[-2], alpha=1.0 - beta2t)
+        row.mul_(beta2t).add_(sum_over_shards(row_sum, param, [ndim - 1]) / param.shape[-1], alpha=1.0 - beta2t)
+        col.mul_(beta2t).add_(sum_over_shards(col_sum, param, [ndim - 2]) / param.shape[-2], alpha=1.0 - beta2t)
         # mean(row) runs over the row vector's last dim, which is the parameter's dim ndim-2.
-        row_mean = sum_over(row.sum(dim=-1, keepdim=True), param, [ndim - 2]) / param.shape[-2]
+        row_mean = sum_over_shards(row.sum(dim=-1, keepdim=True), param, [ndim - 2]) / param.shape[-2]
         return (row / row_mean).rsqrt().view(lead, local_rows, 1), col.rsqrt().view(lead, 1, local_cols)
 
 
@@ -123,3 +123,8 @@ def row_blocks(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
     view = tensor.view(math.prod(tensor.shape[:-2]), *tensor.shape[-2:]) if tensor.dim() >= 2 else tensor.view(1, 1, -1)
     lead, _, cols = view.shape
     return view.split(max(1, PIECE // max(1, lead * cols)), dim=1)
+
+
+def build(cfg, parts: list, max_norm: float, pp_group=None):
+    return build_fused(AdaLomo, cfg, parts, max_norm, pp_group, clip_threshold=cfg.clip_threshold,
+                       decay_rate=cfg.decay_rate)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from dtcollie.optim.grad_norm import global_grad_norm, local, local_grad
+from dtcollie.optim.protocol import TrainingOptimizer, decay_groups, trainable
 
 
 class Adan(Optimizer):
@@ -98,3 +99,9 @@ class Adan(Optimizer):
         if not group["no_prox"]:
             p.div_(1.0 + lr * wd)
         prev.copy_(g)
+
+
+def build(cfg, parts: list, max_norm: float, pp_group=None) -> TrainingOptimizer:
+    """The trainer clips by the global norm itself, so Adan's own clipping stays off."""
+    groups = decay_groups(trainable(parts), cfg.weight_decay)
+    return TrainingOptimizer(Adan(groups, lr=cfg.lr, betas=cfg.betas(), eps=cfg.eps, no_prox=cfg.no_prox), max_norm)

@@ -20,15 +20,18 @@ reduced, so it is counted once. `_StridedShard` (FSDP2 over TP) shards a dim lik
 """
 
 import contextlib
+import math
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.placement_types import Replicate, Shard, _StridedShard
+from torch.distributed.tensor.placement_types import Replicate, Shard
 
 from dtcollie.optim.grad_norm import local, local_grad
+from dtcollie.optim.protocol import GlobalBatch, TrainingOptimizer
 from dtcollie.precision import accumulation_dtype
+from dtcollie.torch_private import _StridedShard
 
 
 # ---------------------------------------------------------------------------- DTensor helpers
@@ -59,7 +62,7 @@ def mesh_dims_sharding(tensor: torch.Tensor, dims=None) -> list[int]:
     return [i for i, pl in enumerate(tensor.placements) if sharded_dim(pl, ndim) in wanted]
 
 
-def sum_over(value: torch.Tensor, tensor: torch.Tensor, dims=None) -> torch.Tensor:
+def sum_over_shards(value: torch.Tensor, tensor: torch.Tensor, dims=None) -> torch.Tensor:
     """In place: sum a rank-local partial sum over the mesh dims that shard `dims` of `tensor`."""
     for mesh_dim in mesh_dims_sharding(tensor, dims):
         dist.all_reduce(value, group=tensor.device_mesh.get_group(mesh_dim))
@@ -72,7 +75,7 @@ def global_mean_square(local_value: torch.Tensor, tensor: torch.Tensor) -> torch
     dtype = accumulation_dtype(local_value.dtype)
     # In pieces: vector_norm(dtype=float32) makes a float32 copy of a whole bf16 input.
     square = sum(torch.linalg.vector_norm(piece, dtype=dtype).square() for piece in pieces(local_value.contiguous()))
-    return sum_over(torch.as_tensor(square, dtype=dtype, device=local_value.device), tensor) / tensor.numel()
+    return sum_over_shards(torch.as_tensor(square, dtype=dtype, device=local_value.device), tensor) / tensor.numel()
 
 
 def drop_dim_placements(param: torch.Tensor, dropped: int) -> list | None:
@@ -130,7 +133,7 @@ class SquareNormAccumulator:
         squares = [square for _, square in self.buckets.values()]
         total = torch.zeros((), dtype=accumulation_dtype(*(square.dtype for square in squares)), device=device)
         for param, square in self.buckets.values():
-            total += sum_over(square, param).to(device)
+            total += sum_over_shards(square, param).to(device)
         if pp_group is not None:
             dist.all_reduce(total, group=pp_group)
         return total
@@ -344,3 +347,31 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _update(self, param, grad, group) -> None:
         """The rule on the local shard: `grad` is the raw local gradient; see `prepared`."""
         raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- under the trainer
+
+class FusedTraining(TrainingOptimizer):
+    """LOMO/AdaLomo under the trainer: the batch's backward runs with the update fused into it; with
+    clipping (or a loss scaler) a first backward only measures the global norm. The grad norm
+    reported is that measurement (nan when nothing needed it)."""
+
+    @property
+    def retains_graph(self) -> bool:
+        return self.optimizer.needs_norm_pass
+
+    def train_step(self, batch: GlobalBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        optimizer = self.optimizer
+        passes = [optimizer.norm_pass, optimizer.update_pass] if optimizer.needs_norm_pass else [optimizer.update_pass]
+        loss = batch.backward_passes(passes)
+        norm = optimizer.last_grad_norm
+        return loss, torch.tensor(math.nan) if norm is None else norm
+
+
+def build_fused(optimizer_class, cfg, parts: list, max_norm: float, pp_group, **options) -> FusedTraining:
+    """A fused optimizer over this rank's model parts, clipping by the global norm (two passes)."""
+    module = parts[0] if len(parts) == 1 else nn.ModuleList(parts)
+    optimizer = optimizer_class(module, cfg.lr, clip_grad_norm=max_norm or None,
+                                clip_grad_value=cfg.clip_grad_value or None, weight_decay=cfg.weight_decay,
+                                pp_group=pp_group, **options)
+    return FusedTraining(optimizer, max_norm)

@@ -9,6 +9,7 @@ import torch
 from torch.optim import Optimizer
 
 from dtcollie.optim.grad_norm import local, local_grad
+from dtcollie.optim.protocol import TrainingOptimizer, decay_groups, trainable
 
 
 class Lion(Optimizer):
@@ -44,3 +45,8 @@ class Lion(Optimizer):
                 p.add_(m.mul(beta1).add_(g, alpha=1.0 - beta1).sign_(), alpha=-lr)
                 m.mul_(beta2).add_(g, alpha=1.0 - beta2)
         return loss
+
+
+def build(cfg, parts: list, max_norm: float, pp_group=None) -> TrainingOptimizer:
+    groups = decay_groups(trainable(parts), cfg.weight_decay)
+    return TrainingOptimizer(Lion(groups, lr=cfg.lr, betas=cfg.betas()), max_norm)

@@ -19,7 +19,7 @@ passes. The optimizer's update is computed in float32 (float64 for float64 weigh
 
 from torch import nn
 
-from dtcollie.optim.fused import FusedOptimizer, local, pieces
+from dtcollie.optim.fused import FusedOptimizer, build_fused, local, pieces
 from dtcollie.precision import accumulation_dtype
 
 
@@ -46,3 +46,7 @@ class LOMO(FusedOptimizer):
                 p32.mul_(1.0 - group["lr"] * group["weight_decay"])
             p32.add_(self.prepared(g_piece), alpha=-group["lr"])
             p_piece.copy_(p32)
+
+
+def build(cfg, parts: list, max_norm: float, pp_group=None):
+    return build_fused(LOMO, cfg, parts, max_norm, pp_group)

@@ -4,7 +4,7 @@ Momentum divided by a diagonal Hessian estimate, clipped elementwise to [-1, 1] 
 badly estimated directions move by at most lr. Same rule, state names and defaults as the official
 `sophia-opt` package (SophiaG, without its `maximize`/`capturable` options).
 
-The trainer estimates the Hessian every k steps with the Gauss-Newton-Bartlett trick: it
+`SophiaTraining` estimates the Hessian every k steps with the Gauss-Newton-Bartlett trick: it
 backpropagates the loss on labels sampled from the model's own softmax and calls
 `update_hessian()`, which folds g⊙g of those grads into an EMA. The mini-batch-mean gradient's
 square is 1/B of the per-example estimate, which is why `step(bs=...)` multiplies h by bs: as in
@@ -15,6 +15,7 @@ import torch
 from torch.optim import Optimizer
 
 from dtcollie.optim.grad_norm import local, local_grad
+from dtcollie.optim.protocol import GlobalBatch, TrainingOptimizer, decay_groups, trainable
 
 
 class SophiaG(Optimizer):
@@ -70,3 +71,26 @@ class SophiaG(Optimizer):
                 ratio = (m.abs() / (rho * bs * h + 1e-15)).clamp_(max=1.0)
                 p.addcmul_(m.sign(), ratio, value=-lr)
         return loss
+
+
+class SophiaTraining(TrainingOptimizer):
+    """SophiaG under the trainer: the step scales the Hessian by the global batch's tokens; at step
+    1 and every `hessian_interval` steps after, a Gauss-Newton-Bartlett pass over the global batch
+    (gradients of the token-mean loss on labels sampled from the model's own softmax; positions
+    without labels stay ignored) updates the Hessian estimate."""
+
+    def __init__(self, optimizer: SophiaG, max_norm: float, hessian_interval: int):
+        super().__init__(optimizer, max_norm)
+        self.hessian_interval = hessian_interval
+
+    def step_from_gradients(self, batch: GlobalBatch) -> None:
+        self.optimizer.step(bs=batch.tokens)
+        if (batch.step - 1) % self.hessian_interval == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            batch.backward(sampled_labels=True)
+            self.optimizer.update_hessian()
+
+
+def build(cfg, parts: list, max_norm: float, pp_group=None) -> SophiaTraining:
+    groups = decay_groups(trainable(parts), cfg.weight_decay)
+    return SophiaTraining(SophiaG(groups, lr=cfg.lr, betas=cfg.betas(), rho=cfg.rho), max_norm, cfg.hessian_interval)

@@ -1,7 +1,8 @@
 """Activation checkpointing: recompute a block's activations in backward instead of storing them."""
 
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+from dtcollie.torch_private import checkpoint_wrapper
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int) -> None:

@@ -8,8 +8,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch._functorch.config
-import torch._inductor.config
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
@@ -18,9 +16,10 @@ from dtcollie.checkpoint import copy_full_tensors, load_model_weights, model_sta
 from dtcollie.config import JobConfig
 from dtcollie.errors import ConfigError
 from dtcollie.models.llama import ModelArgs, Transformer, check_attention
-from dtcollie.optim.build import FUSED_OPTIMIZERS
+from dtcollie.optim.registry import is_fused
 from dtcollie.peft import LoRAConfig, apply_lora, check_lora_config, init_lora
 from dtcollie.parallel.activation import apply_activation_checkpointing
+from dtcollie.parallel.compile import compile_blocks
 from dtcollie.parallel.fsdp import apply_fsdp
 from dtcollie.parallel.mesh import ParallelDims
 from dtcollie.parallel.pipeline import check_pipeline_config, split_model, stage_indices, stage_layer_ids
@@ -52,31 +51,6 @@ class ParallelModel:
             part.train(mode)
 
 
-def compile_blocks(model: nn.Module, tensor_parallel: bool, retains_graph: bool) -> None:
-    """torch.compile each transformer block in place (parameter names unchanged).
-
-    Under tensor parallelism the attention and feed-forward inside each block are compiled instead:
-    with torch 2.13, a compiled whole block whose norms are sequence-parallel (or replicated)
-    DTensor modules fails in backward ("'Tensor' object has no attribute '_local_tensor'"), while
-    the two sub-modules, which hold all the matmuls, compile and train correctly.
-
-    `retains_graph`: a backward will run with retain_graph=True (LOMO/AdaLomo's norm pass), which
-    compiled backwards with donated buffers refuse."""
-    if retains_graph:
-        torch._functorch.config.donated_buffer = False
-    if tensor_parallel:
-        # With torch 2.13 a compiled TP module loaded from the inductor/AOTAutograd caches on a
-        # later run trains with wrong gradients (a fresh compile is exact): never reuse them.
-        torch._inductor.config.fx_graph_cache = False
-        torch._functorch.config.enable_autograd_cache = False
-    for block in model.layers.values():
-        if tensor_parallel:
-            block.attention.compile()
-            block.feed_forward.compile()
-        else:
-            block.compile()
-
-
 def lora_settings(cfg: JobConfig) -> LoRAConfig | None:
     """The run's LoRA hyperparameters, or None when it trains every weight."""
     if cfg.peft.method != "lora":
@@ -95,14 +69,14 @@ def check_layout(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, device: to
     if dims.pp > 1:
         check_pipeline_config(cfg.parallelism, args, training.micro_batch_size)
     name = cfg.optimizer.name
-    if args.tie_embeddings and dims.pp > 1 and name in FUSED_OPTIMIZERS and lora is None:
+    if args.tie_embeddings and dims.pp > 1 and is_fused(name) and lora is None:
         raise ConfigError(f"optimizer.name = {name!r} updates inside backward, before the tied embedding's two "
                           f"pipeline copies can sum their gradients; use another optimizer or pp = 1")
-    if training.mixed_precision == "bf16_weights" and (name not in FUSED_OPTIMIZERS or lora is not None):
+    if training.mixed_precision == "bf16_weights" and (not is_fused(name) or lora is not None):
         raise ConfigError(f"training.mixed_precision = 'bf16_weights' keeps no fp32 master weights, which only "
                           f"optimizer.name = 'lomo' or 'adalomo' on a full model can train (got {name!r}"
                           f"{' with LoRA' if lora is not None else ''}); use mixed_precision = 'bf16'")
-    if name in FUSED_OPTIMIZERS and training.global_batch_size != training.micro_batch_size * dims.dp:
+    if is_fused(name) and training.global_batch_size != training.micro_batch_size * dims.dp:
         raise ConfigError(f"optimizer.name = {name!r} updates during backward, so it cannot accumulate gradients: "
                           f"set training.micro_batch_size = global_batch_size / data-parallel ranks = "
                           f"{training.global_batch_size} / {dims.dp}")
@@ -131,7 +105,7 @@ def parallelize_model(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh:
     # (b) for LOMO/AdaLomo under pipeline parallelism: a stage's gradients accumulate over the
     # schedule's micro-batches, and FSDP's post-backward then fires the fused-update hooks once per
     # step with the complete gradient, for every schedule (zero-bubble ones fill .grad directly).
-    fused = cfg.optimizer.name in FUSED_OPTIMIZERS
+    fused = is_fused(cfg.optimizer.name)
     lora = lora_settings(cfg)
     for part in parts:
         if lora is not None:
@@ -142,7 +116,7 @@ def parallelize_model(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh:
             apply_tensor_parallel(part, mesh["tp"], parallelism.sequence_parallel, parallelism.loss_parallel)
         apply_activation_checkpointing(part, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_every)
         if cfg.compile.enable:
-            compile_blocks(part, tensor_parallel=dims.tp > 1, retains_graph=fused)
+            compile_blocks(part, tensor_parallel=dims.tp > 1)
         if dims.dp > 1 or (mesh is not None and precision == "bf16") or (dims.pp > 1 and fused):
             dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
             apply_fsdp(part, dp_mesh, param_dtype, parallelism.fsdp_reshard_after_forward,

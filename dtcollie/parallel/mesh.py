@@ -6,6 +6,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from dtcollie.config import Parallelism
 from dtcollie.errors import ConfigError
+from dtcollie.torch_private import flatten_mesh
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -55,4 +56,4 @@ class ParallelDims:
 def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """dp_replicate x dp_shard flattened into one `dp` dim, for data loading and loss sums. Keep the
     result: torch deprecates slicing a flattened dim from the root mesh (mesh["dp"])."""
-    return mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    return flatten_mesh(mesh["dp_replicate", "dp_shard"], "dp")

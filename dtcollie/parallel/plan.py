@@ -32,15 +32,17 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from dtcollie.config import BF16_COMPUTE, JobConfig
+from dtcollie.config import JobConfig
 from dtcollie.errors import ConfigError
 from dtcollie.models.llama import ModelArgs, Transformer, count_parameters
+from dtcollie.optim.registry import OPTIMIZERS
 from dtcollie.parallel.build import ParallelModel, check_layout, parallelize_model
 from dtcollie.parallel.mesh import MESH_DIMS, ParallelDims
+from dtcollie.precision import BF16_COMPUTE, compute_dtype
+from dtcollie.torch_private import init_fake_process_group
+from dtcollie.run_spec import model_args_for
 
 GIB = 1024 ** 3
-STATE_COPIES = {"adamw": 2, "lion": 1, "adan": 4, "sophiag": 2, "lomo": 0, "adalomo": 0}
-FUSED = ("lomo", "adalomo")
 
 
 def plan_model_args(cfg: JobConfig) -> ModelArgs:
@@ -49,8 +51,6 @@ def plan_model_args(cfg: JobConfig) -> ModelArgs:
 
     The attention kernel is set to sdpa: it holds no parameters, and flash-attn need not be
     installed on the machine that plans."""
-    from dtcollie.train import model_args_for  # the trainer's own rule; imported late (it pulls in the data stack)
-
     args = model_args_for(cfg, 0)
     if args.vocab_size == 0:
         from dtcollie.data import load_tokenizer
@@ -78,11 +78,9 @@ def check_plan(cfg: JobConfig, world_size: int) -> tuple[ModelArgs, ParallelDims
 @contextmanager
 def fake_process_group(rank: int, world_size: int):
     """This process plays `rank` of `world_size`; collectives return at once and move nothing."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
-
     if dist.is_initialized():
         raise RuntimeError("a process group is already running; plan ranks in a process without one")
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    init_fake_process_group(rank, world_size)
     try:
         yield
     finally:
@@ -122,8 +120,9 @@ def tp_local_numel(param: torch.Tensor) -> int:
     return numel
 
 
-def gathered_units(model: ParallelModel) -> list[int]:
-    """Bytes of each FSDP unit once all-gathered in its compute dtype; none without FSDP."""
+def gathered_units(model: ParallelModel, compute: torch.dtype) -> list[int]:
+    """Bytes of each FSDP unit once all-gathered in `compute` (the param_dtype every unit's
+    mixed-precision policy has); none without FSDP."""
     units = []
     for part in model.parts:
         for module in part.modules():
@@ -132,15 +131,14 @@ def gathered_units(model: ParallelModel) -> list[int]:
             nested = {id(p) for child in module.modules() if child is not module and isinstance(child, FSDPModule)
                       for p in child.parameters()}
             own = [p for p in module.parameters() if id(p) not in nested]
-            dtype = module._get_fsdp_state()._mp_policy.param_dtype  # None: gathered in the storage dtype
-            units.append(sum(tp_local_numel(p) * (dtype.itemsize if dtype else p.element_size()) for p in own))
+            units.append(sum(tp_local_numel(p) for p in own) * compute.itemsize)
     return units
 
 
 def gathered_bytes(cfg: JobConfig, model: ParallelModel) -> int:
     """All-gathered parameter memory at its peak: the largest unit when units are freed after
     forward, every unit when fsdp_reshard_after_forward = false keeps them until backward."""
-    units = gathered_units(model)
+    units = gathered_units(model, compute_dtype(cfg.training.mixed_precision))
     return max(units, default=0) if cfg.parallelism.fsdp_reshard_after_forward else sum(units)
 
 
@@ -157,8 +155,9 @@ def plan_rank(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, rank: int) ->
     param_bytes = sum(sizes)
     # Gradients and optimizer state exist for trainable parameters only (under LoRA, the adapters).
     trainable = [size for p, size in zip(params, sizes) if p.requires_grad]
-    grad_bytes = max(trainable, default=0) if cfg.optimizer.name in FUSED else sum(trainable)
-    state_bytes = STATE_COPIES[cfg.optimizer.name] * sum(trainable)
+    optimizer = OPTIMIZERS[cfg.optimizer.name]
+    grad_bytes = max(trainable, default=0) if optimizer.fused else sum(trainable)
+    state_bytes = optimizer.state_copies * sum(trainable)
     gathered = gathered_bytes(cfg, model)
     return {
         "rank": rank,
@@ -238,12 +237,13 @@ def notes(cfg: JobConfig, dims: ParallelDims) -> list[str]:
     compute = "bf16" if precision in BF16_COMPUTE else "fp32"
     weights = "bf16 weights (no master copy)" if precision == "bf16_weights" else "fp32 master weights"
     alike = [name for name in MESH_DIMS[1:] if getattr(dims, name) > 1]
+    optimizer = OPTIMIZERS[cfg.optimizer.name]
     padding = " (FSDP pads uneven dim-0 shards to the first shard's size)" if dims.dp_shard > 1 else ""
     out = [f"one row per pipeline rank; ranks differing only in {' / '.join(alike)} hold equal shards{padding}"
            if alike else "one row per pipeline rank",
            f"params, grads, state: {weights} of this rank, their gradients, {cfg.optimizer.name} state "
-           f"({STATE_COPIES[cfg.optimizer.name]} copies of the weights"
-           + ("; fused: one gradient at a time)" if cfg.optimizer.name in FUSED else ")")]
+           f"({optimizer.state_copies} copies of the weights"
+           + ("; fused: one gradient at a time)" if optimizer.fused else ")")]
     if dims.dp > 1:
         if parallelism.fsdp_reshard_after_forward:
             out.append(f"gathered: largest FSDP unit all-gathered in {compute}, transient (with prefetch about two "

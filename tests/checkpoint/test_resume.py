@@ -129,3 +129,19 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     trainer = Trainer(job(tmp_path, [("training.steps", "100000"), ("checkpoint.interval", "1")]))
     assert trainer.step == killed_step - 1
     assert not partial.exists()
+
+
+def test_a_checkpoint_saved_by_an_earlier_version_still_resumes(tmp_path):
+    """saved_by_v1/step-2 was written by dtcollie at commit 295b553 (fp64, AdamW, the args in
+    model_args.json), before checkpoints were collected from stateful components; losses.json
+    holds that run's steps 3 and 4. Resuming it here must continue exactly that run."""
+    saved = Path(__file__).parent / "saved_by_v1"
+    shutil.copytree(saved / "step-2", tmp_path / "checkpoints" / "step-2")
+    trainer = Trainer(job(tmp_path, [("model.args_path", str(saved / "model_args.json")), ("training.steps", "4"),
+                                     ("checkpoint.interval", "2"), ("training.mixed_precision", "fp64"),
+                                     ("checkpoint.save_weights", "false")]))
+    assert trainer.step == 2
+    trainer.train()
+    expected = {int(step): loss for step, loss in json.loads((saved / "losses.json").read_text()).items()}
+    resumed = read_losses(tmp_path)
+    assert [resumed[step] for step in (3, 4)] == pytest.approx([expected[3], expected[4]], rel=1e-10)

@@ -17,7 +17,8 @@ from spawn import run_ranks
 from dtcollie import config
 from dtcollie.data import build_dataset
 from dtcollie.loss import IGNORE_INDEX, cross_entropy_sum
-from dtcollie.train import Trainer, plain
+from dtcollie.model_runner import plain
+from dtcollie.train import Trainer
 
 ROWS = 4  # packed rows taken from each dataset
 SEQ_LEN = 128
@@ -54,13 +55,13 @@ def trained_token_losses(trainer: Trainer, rows: dict) -> tuple[torch.Tensor, to
         records.append((labels.flatten(), losses))
         return cross_entropy_sum(logits, labels)
 
-    trainer.loss_fn, batch = recording_loss, trainer.cfg.training.micro_batch_size
+    trainer.runner.loss_fn, batch = recording_loss, trainer.cfg.training.micro_batch_size
     if len(rows["input_ids"]) % batch:  # fill the last batch with a row that trains nothing
         rows = {key: torch.cat([value, value[-1:]]) for key, value in rows.items()}
         rows["labels"][-1] = IGNORE_INDEX
     with torch.no_grad():
         for start in range(0, len(rows["input_ids"]), batch):
-            trainer.run_micro_batch({key: value[start:start + batch] for key, value in rows.items()}, backward=False)
+            trainer.runner.run({key: value[start:start + batch] for key, value in rows.items()}, backward=False)
     if not records:
         return torch.empty(0), torch.empty(0)
     labels, losses = (torch.cat(parts) for parts in zip(*records))
