@@ -12,15 +12,14 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from dtcollie.config import JobConfig
 from dtcollie.errors import DataError
 from dtcollie.loss import IGNORE_INDEX, cross_entropy_sum, sample_labels
 from dtcollie.optim.protocol import Pass, backward_passes
 from dtcollie.parallel.build import ParallelModel
-from dtcollie.parallel.mesh import ParallelDims
 from dtcollie.parallel.pipeline import build_schedule
 from dtcollie.parallel.reduce import clip_global_grad_norm, sum_over
 from dtcollie.parallel.tied import TiedPipelineEmbedding
+from dtcollie.run_spec import RunSpec
 
 
 def plain(tensor: torch.Tensor) -> torch.Tensor:
@@ -34,8 +33,8 @@ class ModelRunner:
     """This rank's model parts with everything a forward and backward needs: the pipeline schedule,
     the loss, the tied-embedding exchange and the process groups losses are summed over."""
 
-    def __init__(self, cfg: JobConfig, model: ParallelModel, tie_embeddings: bool, dims: ParallelDims, mesh,
-                 dp_mesh, device: torch.device):
+    def __init__(self, spec: RunSpec, model: ParallelModel, mesh, dp_mesh):
+        cfg, dims, device = spec.cfg, spec.dims, spec.device
         self.model, self.dims, self.device, self.seed = model, dims, device, cfg.job.seed
         parallelism = cfg.parallelism
         self.loss_parallel = dims.tp > 1 and parallelism.loss_parallel
@@ -46,17 +45,14 @@ class ModelRunner:
         self.pp_group = mesh["pp"].get_group() if dims.pp > 1 else None
         # The step loss lives on the last pipeline stage and is split over data-parallel ranks.
         self.loss_groups = self.dp_groups + ([self.pp_group] if self.pp_group is not None else [])
-        self.tied = TiedPipelineEmbedding.of(model.parts, tie_embeddings, self.pp_group)
+        self.tied = TiedPipelineEmbedding.of(model.parts, spec.model_args.tie_embeddings, self.pp_group)
         if self.tied is not None:
             self.tied.copy_embedding_to_output()
         self.schedule = None
         if dims.pp > 1:
             self.schedule = build_schedule(model.parts, model.stage_ids, model.num_stages, self.pp_group, device,
-                                           parallelism.pp_schedule, parallelism.pp_microbatches or model.num_stages,
-                                           self.step_loss)
-        # Multi-process layouts use FSDP's mixed-precision policy; one process uses autocast.
-        use_autocast = cfg.training.mixed_precision == "bf16" and mesh is None
-        self.autocast_dtype = torch.bfloat16 if use_autocast else None
+                                           parallelism.pp_schedule, spec.pp_microbatches, self.step_loss)
+        self.autocast_dtype = spec.autocast_dtype
         # Set per batch: the loss divides by the global batch's label tokens; labels are drawn
         # from the model's softmax under this key (Sophia's Hessian pass). The pipeline schedule
         # calls step_loss itself, so these cannot be arguments.

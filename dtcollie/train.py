@@ -4,7 +4,6 @@ Also runs under `torchrun -m dtcollie.train`. Forward and backward are `dtcollie
 the optimizer step is the optimizer's own (`dtcollie.optim.protocol`).
 """
 
-import dataclasses
 import itertools
 import logging
 import math
@@ -30,13 +29,13 @@ from dtcollie.models.hf import MODEL_ARGS_FILE, save_model_args
 from dtcollie.models.hf_files import copy_generation_config, copy_tokenizer_files
 from dtcollie.models.llama import Transformer, count_parameters, flops_per_token
 from dtcollie.optim.registry import build_optimizer
-from dtcollie.parallel.build import check_layout, lora_settings, materialize, parallelize_model
+from dtcollie.parallel.build import materialize, parallelize_model
 from dtcollie.parallel.compile import compile_settings
-from dtcollie.parallel.mesh import ParallelDims, data_parallel_mesh
+from dtcollie.parallel.mesh import data_parallel_mesh
 from dtcollie.peft import save_lora_config
 from dtcollie.rank_warnings import filter_rank_warnings
 from dtcollie.run_folder import RUN_CONFIG, describe_run_start, plan_run_start, remove_old_run
-from dtcollie.run_spec import model_args_for, pick_device
+from dtcollie.run_spec import lora_settings, pick_device, resolve
 from dtcollie.train_state import (LoaderState, LossScalerState, ModelState, OptimizerState, RNGState,
                                   SchedulerState, StepCounter)
 
@@ -69,12 +68,9 @@ class Trainer:
         self.device = pick_device(training.device)
         self.rank = int(os.environ.get("RANK", "0"))
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.dims = ParallelDims.from_config(cfg.parallelism, world_size)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        self.saved_args = model_args_for(cfg, self.tokenizer.vocab_size)
-        # The RoPE tables only need to cover the training length.
-        self.model_args = dataclasses.replace(self.saved_args, max_seq_len=training.seq_len)
-        check_layout(cfg, self.model_args, self.dims, self.device)
+        self.spec = resolve(cfg, world_size, self.device, self.tokenizer.vocab_size)
+        self.dims, self.model_args = self.spec.dims, self.spec.model_args
         self.run_start = plan_run_start(cfg)
         # Everything above is checked identically on every rank; from here on ranks communicate.
         self.mesh = self.dp_mesh = None
@@ -87,14 +83,12 @@ class Trainer:
             self.dp_mesh = data_parallel_mesh(self.mesh)
             dist.barrier()  # every rank has read the run folder before rank 0 changes it
         torch.manual_seed(cfg.job.seed)
-        self.model = parallelize_model(cfg, self.model_args, self.dims, self.mesh)
+        self.model = parallelize_model(self.spec, self.mesh)
         materialize(self.model, self.model_args, cfg.checkpoint.initial_load_path, self.device, cfg.job.seed)
-        self.runner = ModelRunner(cfg, self.model, self.model_args.tie_embeddings, self.dims, self.mesh, self.dp_mesh,
-                                  self.device)
+        self.runner = ModelRunner(self.spec, self.model, self.mesh, self.dp_mesh)
         self.optimizer = build_optimizer(cfg.optimizer, self.model.parts, training.max_norm, self.runner.pp_group)
         self.scheduler = build_lr_scheduler(self.optimizer.optimizer, cfg.optimizer.lr, training.steps,
                                             cfg.lr_scheduler)
-        self.accumulation_steps = training.global_batch_size // (training.micro_batch_size * self.dims.dp)
         self.train_loader = self.loader("train")
         self.val_loader = self.loader("val") if training.eval_interval else None
         self.eval_tasks = EvalTasks.of(cfg, self.dims.pp)
@@ -138,7 +132,7 @@ class Trainer:
 
     def train_step(self, batches) -> tuple[float, float, int]:
         """One optimizer step over the global batch; returns (loss, grad norm, tokens in the global batch)."""
-        batch = StepBatch(self.runner, [next(batches) for _ in range(self.accumulation_steps)], self.step)
+        batch = StepBatch(self.runner, [next(batches) for _ in range(self.spec.accumulation_steps)], self.step)
         loss, grad_norm = self.optimizer.train_step(batch)
         self.scheduler.step()
         return self.runner.global_loss(loss), grad_norm.item(), batch.tokens
@@ -178,7 +172,7 @@ class Trainer:
                                 peak_flops(self.device, training.mixed_precision))
         self.metrics.console(f"dtcollie: {params:,} parameters | device {self.device} | world {self.dims.world_size} "
                              f"({self.dims.describe()}) | global batch {training.global_batch_size} x "
-                             f"{training.seq_len} tokens ({self.accumulation_steps} micro-batches of "
+                             f"{training.seq_len} tokens ({self.spec.accumulation_steps} micro-batches of "
                              f"{training.micro_batch_size} per data-parallel rank) | dump {cfg.job.dump_folder}")
         batches = self.train_loader.batches()
         started = time.monotonic()
@@ -244,7 +238,7 @@ class Trainer:
     def write_model_files(self, folder: Path) -> None:
         """What the weights in a checkpoint or weights folder are: the model's shape (with its own
         context length), the LoRA settings, the tokenizer and the generation config."""
-        save_model_args(self.saved_args, folder / MODEL_ARGS_FILE)
+        save_model_args(self.spec.saved_args, folder / MODEL_ARGS_FILE)
         lora = lora_settings(self.cfg)
         if lora is not None:
             save_lora_config(folder, lora)

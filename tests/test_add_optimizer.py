@@ -39,7 +39,8 @@ def package_with_sgd(folder: Path) -> Path:
 
 def train(site: Path, dump: Path, *overrides: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "dtcollie.train", "--config", str(ROOT / "train_configs/debug.toml"),
-               "--optimizer.name", "sgd", "--optimizer.lr", "0.1", "--training.steps", "3",
+               "--optimizer.name", "sgd", "--optimizer.lr", "1.0", "--lr_scheduler.warmup_steps", "0",
+               "--lr_scheduler.min_lr", "0", "--training.steps", "3",
                "--training.seq_len", "32", "--training.eval_interval", "0", "--metrics.log_freq", "1",
                "--metrics.enable_tensorboard", "false", "--checkpoint.save_weights", "false",
                "--job.dump_folder", str(dump), *overrides]

@@ -13,19 +13,15 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from dtcollie.checkpoint import copy_full_tensors, load_model_weights, model_state_dict
-from dtcollie.config import JobConfig
-from dtcollie.errors import ConfigError
-from dtcollie.models.llama import ModelArgs, Transformer, check_attention
-from dtcollie.optim.registry import is_fused
-from dtcollie.peft import LoRAConfig, apply_lora, check_lora_config, init_lora
+from dtcollie.models.llama import ModelArgs, Transformer
 from dtcollie.parallel.activation import apply_activation_checkpointing
 from dtcollie.parallel.compile import compile_blocks
 from dtcollie.parallel.fsdp import apply_fsdp
-from dtcollie.parallel.mesh import ParallelDims
-from dtcollie.parallel.pipeline import check_pipeline_config, split_model, stage_indices, stage_layer_ids
-from dtcollie.parallel.tensor import apply_tensor_parallel, check_tensor_parallel
+from dtcollie.parallel.pipeline import split_model, stage_indices, stage_layer_ids
+from dtcollie.parallel.tensor import apply_tensor_parallel
+from dtcollie.peft import apply_lora, init_lora
 from dtcollie.precision import compute_dtype
-
+from dtcollie.run_spec import RunSpec, lora_settings
 
 @dataclass
 class ParallelModel:
@@ -51,43 +47,9 @@ class ParallelModel:
             part.train(mode)
 
 
-def lora_settings(cfg: JobConfig) -> LoRAConfig | None:
-    """The run's LoRA hyperparameters, or None when it trains every weight."""
-    if cfg.peft.method != "lora":
-        return None
-    peft = cfg.peft
-    return LoRAConfig(peft.rank, peft.alpha, list(peft.target_modules), peft.dropout, peft.use_rslora)
-
-
-def check_layout(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, device: torch.device) -> None:
-    """Every layout mistake, as a ConfigError raised identically on every rank before any collective."""
-    training, lora = cfg.training, lora_settings(cfg)
-    if lora is not None:
-        check_lora_config(lora)
-    check_attention(args, device, training.mixed_precision)
-    check_tensor_parallel(args, dims.tp, training.seq_len, cfg.parallelism.sequence_parallel)
-    if dims.pp > 1:
-        check_pipeline_config(cfg.parallelism, args, training.micro_batch_size)
-    name = cfg.optimizer.name
-    if args.tie_embeddings and dims.pp > 1 and is_fused(name) and lora is None:
-        raise ConfigError(f"optimizer.name = {name!r} updates inside backward, before the tied embedding's two "
-                          f"pipeline copies can sum their gradients; use another optimizer or pp = 1")
-    if training.mixed_precision == "bf16_weights" and (not is_fused(name) or lora is not None):
-        raise ConfigError(f"training.mixed_precision = 'bf16_weights' keeps no fp32 master weights, which only "
-                          f"optimizer.name = 'lomo' or 'adalomo' on a full model can train (got {name!r}"
-                          f"{' with LoRA' if lora is not None else ''}); use mixed_precision = 'bf16'")
-    if is_fused(name) and training.global_batch_size != training.micro_batch_size * dims.dp:
-        raise ConfigError(f"optimizer.name = {name!r} updates during backward, so it cannot accumulate gradients: "
-                          f"set training.micro_batch_size = global_batch_size / data-parallel ranks = "
-                          f"{training.global_batch_size} / {dims.dp}")
-    per_step = training.micro_batch_size * dims.dp
-    if training.global_batch_size % per_step:
-        raise ConfigError(f"training.global_batch_size = {training.global_batch_size} is not a multiple of "
-                          f"micro_batch_size {training.micro_batch_size} x data-parallel ranks {dims.dp} = {per_step}")
-
-
-def parallelize_model(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh: DeviceMesh | None) -> ParallelModel:
+def parallelize_model(spec: RunSpec, mesh: DeviceMesh | None) -> ParallelModel:
     """This rank's parts of the model, parallelised, still on the meta device (no memory used)."""
+    cfg, args, dims = spec.cfg, spec.model_args, spec.dims
     parallelism = cfg.parallelism
     with torch.device("meta"):
         whole = Transformer(args)
@@ -100,12 +62,6 @@ def parallelize_model(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh:
         num_stages, stage_ids, parts = 1, [0], [whole]
     precision = cfg.training.mixed_precision
     param_dtype = compute_dtype(precision)
-    # FSDP also on a size-1 data-parallel mesh (a) for bf16: its mixed-precision policy is what
-    # casts parameters for TP and pipeline stages (autocast does not cover pipeline schedules);
-    # (b) for LOMO/AdaLomo under pipeline parallelism: a stage's gradients accumulate over the
-    # schedule's micro-batches, and FSDP's post-backward then fires the fused-update hooks once per
-    # step with the complete gradient, for every schedule (zero-bubble ones fill .grad directly).
-    fused = is_fused(cfg.optimizer.name)
     lora = lora_settings(cfg)
     for part in parts:
         if lora is not None:
@@ -117,7 +73,7 @@ def parallelize_model(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh:
         apply_activation_checkpointing(part, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_every)
         if cfg.compile.enable:
             compile_blocks(part, tensor_parallel=dims.tp > 1)
-        if dims.dp > 1 or (mesh is not None and precision == "bf16") or (dims.pp > 1 and fused):
+        if spec.wraps_fsdp:
             dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
             apply_fsdp(part, dp_mesh, param_dtype, parallelism.fsdp_reshard_after_forward,
                        parallelism.fsdp_cpu_offload)

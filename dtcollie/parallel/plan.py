@@ -33,31 +33,25 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from dtcollie.config import JobConfig
-from dtcollie.errors import ConfigError
-from dtcollie.models.llama import ModelArgs, Transformer, count_parameters
+from dtcollie.models.llama import Transformer, count_parameters
 from dtcollie.optim.registry import OPTIMIZERS
-from dtcollie.parallel.build import ParallelModel, check_layout, parallelize_model
+from dtcollie.parallel.build import ParallelModel, parallelize_model
 from dtcollie.parallel.mesh import MESH_DIMS, ParallelDims
 from dtcollie.precision import BF16_COMPUTE, compute_dtype
 from dtcollie.torch_private import init_fake_process_group
-from dtcollie.run_spec import model_args_for
+from dtcollie.run_spec import RunSpec, model_args_for, resolve
 
 GIB = 1024 ** 3
 
 
-def plan_model_args(cfg: JobConfig) -> ModelArgs:
-    """The model shape the trainer would build, without loading a tokenizer unless the flavor leaves
-    the vocabulary to it (only then is the size unknowable otherwise).
+def plan_vocab_size(cfg: JobConfig) -> int:
+    """The tokenizer's vocabulary, loaded only when the model leaves its vocabulary to the tokenizer
+    (only then is the size unknowable otherwise); 0 when the model has its own."""
+    if model_args_for(cfg, 0).vocab_size:
+        return 0
+    from dtcollie.data import load_tokenizer
 
-    The attention kernel is set to sdpa: it holds no parameters, and flash-attn need not be
-    installed on the machine that plans."""
-    args = model_args_for(cfg, 0)
-    if args.vocab_size == 0:
-        from dtcollie.data import load_tokenizer
-
-        args = model_args_for(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size)
-    args.attention = "sdpa"
-    return args
+    return load_tokenizer(cfg.data.tokenizer).vocab_size
 
 
 def target_device(cfg: JobConfig) -> torch.device:
@@ -65,14 +59,9 @@ def target_device(cfg: JobConfig) -> torch.device:
     return torch.device("cpu" if cfg.training.device == "cpu" else "cuda")
 
 
-def check_plan(cfg: JobConfig, world_size: int) -> tuple[ModelArgs, ParallelDims]:
-    """Everything the trainer checks before its process group starts, in the same order."""
-    if world_size < 1:
-        raise ConfigError(f"world size {world_size} must be at least 1")
-    dims = ParallelDims.from_config(cfg.parallelism, world_size)
-    args = plan_model_args(cfg)
-    check_layout(cfg, args, dims, target_device(cfg))
-    return args, dims
+def check_plan(cfg: JobConfig, world_size: int) -> RunSpec:
+    """Everything the trainer checks before its process group starts (its own `resolve`)."""
+    return resolve(cfg, world_size, target_device(cfg), plan_vocab_size(cfg))
 
 
 @contextmanager
@@ -94,14 +83,14 @@ def representative_ranks(dims: ParallelDims) -> list[int]:
     return [pp_rank * per_pipeline_rank for pp_rank in range(dims.pp)]
 
 
-def build_rank(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, rank: int) -> ParallelModel:
+def build_rank(spec: RunSpec, rank: int) -> ParallelModel:
     """`rank`'s parallelised model parts on the meta device, built under a fake process group.
     Call `check_plan` first: layout errors must surface before any process group exists."""
+    dims = spec.dims
     if dims.world_size == 1:
-        return parallelize_model(cfg, args, dims, None)
+        return parallelize_model(spec, None)
     with fake_process_group(rank, dims.world_size):
-        mesh = dims.build_mesh("cpu")
-        return parallelize_model(cfg, args, dims, mesh)
+        return parallelize_model(spec, dims.build_mesh("cpu"))
 
 
 def local_tensor(param: torch.Tensor) -> torch.Tensor:
@@ -146,10 +135,11 @@ def layer_ids(model: ParallelModel) -> list[int]:
     return sorted(int(name) for part in model.parts for name in part.layers.keys())
 
 
-def plan_rank(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, rank: int) -> dict:
+def plan_rank(spec: RunSpec, rank: int) -> dict:
     """What `rank` holds under this layout: its stages and layers, its parameter count, and the
     parameter, gradient, optimizer-state and gathered-unit bytes that implies."""
-    model = build_rank(cfg, args, dims, rank)
+    cfg, dims = spec.cfg, spec.dims
+    model = build_rank(spec, rank)
     params = model.parameters()
     sizes = [local_tensor(p).numel() * local_tensor(p).element_size() for p in params]
     param_bytes = sum(sizes)
@@ -176,21 +166,23 @@ def plan_rank(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, rank: int) ->
 
 
 def planning_config(cfg: JobConfig) -> JobConfig:
-    """`cfg` with torch.compile off: it wraps blocks without touching a parameter, and importing
+    """`cfg` with torch.compile off and the sdpa kernel (neither holds a parameter; flash-attn need not
+    be installed on the machine that plans, and importing
     inductor would cost the planner seconds."""
     cfg = copy.deepcopy(cfg)
     cfg.compile.enable = False
+    cfg.model.attention = "sdpa"
     return cfg
 
 
 def plan(cfg: JobConfig, world_size: int) -> dict:
     """The whole plan: checks first (no process group yet), then one simulated rank per pipeline rank."""
     cfg = planning_config(cfg)
-    args, dims = check_plan(cfg, world_size)
+    spec = check_plan(cfg, world_size)
     with torch.device("meta"):
-        model_params = count_parameters(Transformer(args))
-    ranks = [plan_rank(cfg, args, dims, rank) for rank in representative_ranks(dims)]
-    return {"args": args, "dims": dims, "model_params": model_params, "ranks": ranks}
+        model_params = count_parameters(Transformer(spec.saved_args))
+    ranks = [plan_rank(spec, rank) for rank in representative_ranks(spec.dims)]
+    return {"args": spec.saved_args, "dims": spec.dims, "model_params": model_params, "ranks": ranks}
 
 
 def layer_ranges(ids: list[int]) -> str:

@@ -33,8 +33,8 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from dtcollie.config import load
 from dtcollie.models.llama import FLAVORS
-from dtcollie.parallel.build import check_layout, parallelize_model
-from dtcollie.parallel.mesh import ParallelDims
+from dtcollie.parallel.build import parallelize_model
+from dtcollie.run_spec import resolve
 
 SEQ_LEN = 4096
 VOCAB = 32000
@@ -200,11 +200,9 @@ def clean_name(name: str) -> str:
 @contextmanager
 def built_rank(layout: Layout, rank: int):
     """Checks first (as the trainer does, before any process group), then the rank's model."""
-    cfg, args = layout_config(layout), model_args(layout.flavor)
-    dims = ParallelDims.from_config(cfg.parallelism, layout.world)
-    check_layout(cfg, args, dims, torch.device("cuda"))
+    spec = resolve(layout_config(layout), layout.world, torch.device("cuda"), vocab_size=VOCAB)
     with fake_world(rank, layout.world):
-        yield args, dims, parallelize_model(cfg, args, dims, dims.build_mesh("cpu"))
+        yield spec.model_args, spec.dims, parallelize_model(spec, spec.dims.build_mesh("cpu"))
 
 
 CASES = [(name, rank) for name, layout in LAYOUTS.items() for rank in layout.ranks]
