@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
-from dtcollie.checkpoint import (SafeFileSystemReader, check_shapes, checkpoint_shapes, model_state_dict,
+from dtcollie.dcp_weights import (SafeFileSystemReader, check_shapes, checkpoint_shapes, model_state_dict,
                                  read_checkpoint_metadata, single_process_dcp)
 from dtcollie.config import Checkpoint as CheckpointConfig
 

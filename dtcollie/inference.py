@@ -17,7 +17,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from dtcollie import config as config_module
-from dtcollie.checkpoint import check_shapes, copy_full_tensors, load_weights_as_stored
+from dtcollie.dcp_weights import check_shapes, copy_full_tensors, load_weights_as_stored
 from dtcollie.errors import CheckpointError
 from dtcollie.models.hf import MODEL_ARGS_FILE, expected_shapes, load_hf_state_dict, load_model_args
 from dtcollie.models.llama import ModelArgs, Transformer

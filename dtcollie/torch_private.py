@@ -2,7 +2,7 @@
 
 All were checked with torch 2.13 and torchdata 0.11; a torch upgrade should start here. Besides
 these calls, three classes override a private method of their torch base class, which cannot move
-here: `dtcollie.checkpoint.SafeFileSystemReader` (DCP's `_get_metadata_path`, to read metadata
+here: `dtcollie.dcp_weights.SafeFileSystemReader` (DCP's `_get_metadata_path`, to read metadata
 with an allow-list unpickler), `dtcollie.peft.tensor_parallel` (the TP styles' `_apply`, to shard
 LoRA adapters with their base layer) and `dtcollie.models.llama.Transformer` (`nn.Module._apply`,
 to keep tied weights tied through `to_empty`).

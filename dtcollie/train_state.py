@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from dtcollie.checkpoint import model_state_dict, stored_name
+from dtcollie.dcp_weights import model_state_dict, stored_name
 
 
 def json_tensor(value) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dtcollie import config
-from dtcollie.checkpoint import save_model_weights
+from dtcollie.dcp_weights import save_model_weights
 from dtcollie.errors import ConfigError
 from dtcollie.metrics import read_losses, read_records
 from dtcollie.train import Trainer

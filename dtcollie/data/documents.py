@@ -12,7 +12,7 @@ slots[:-1] and its labels slots[1:], so the input positions are positions[..., :
 
 import torch
 
-from dtcollie.loss import IGNORE_INDEX as IGNORE
+from dtcollie.loss import IGNORE_INDEX
 
 
 def positions_from_starts(starts: torch.Tensor) -> torch.Tensor:
@@ -35,5 +35,5 @@ def positions_after_eos(slots: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 def split_documents(labels: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(labels, input positions) of rows whose slots have `positions` [..., seq_len + 1]: labels
-    [..., seq_len] whose target starts a document become IGNORE."""
-    return labels.masked_fill(positions[..., 1:] == 0, IGNORE), positions[..., :-1].contiguous()
+    [..., seq_len] whose target starts a document become IGNORE_INDEX."""
+    return labels.masked_fill(positions[..., 1:] == 0, IGNORE_INDEX), positions[..., :-1].contiguous()

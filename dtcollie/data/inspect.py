@@ -10,7 +10,7 @@ stream gives, then each corpus's counts.
 
 import torch
 
-from dtcollie.data.sft import IGNORE
+from dtcollie.loss import IGNORE_INDEX
 
 OPEN, CLOSE, DOCUMENT = "«", "»", "¦"
 
@@ -23,9 +23,9 @@ def row_text(tokenizer, input_ids: torch.Tensor, labels: torch.Tensor, positions
     ids, targets = input_ids.tolist(), labels.tolist()
     tokens, trained = ids[:1], [False]
     for t, target in enumerate(targets):
-        if target != IGNORE or t + 1 < len(ids):
-            tokens.append(target if target != IGNORE else ids[t + 1])
-            trained.append(target != IGNORE)
+        if target != IGNORE_INDEX or t + 1 < len(ids):
+            tokens.append(target if target != IGNORE_INDEX else ids[t + 1])
+            trained.append(target != IGNORE_INDEX)
     while tokens and tokens[-1] == tokenizer.pad_id and not trained[-1]:
         tokens, trained = tokens[:-1], trained[:-1]
     starts = set() if positions is None else {t for t, p in enumerate(positions.tolist()) if p == 0 and t > 0}
@@ -46,8 +46,8 @@ def describe_rows(dataset, tokenizer, n: int) -> str:
     rows = [f"--- row {i} ---\n{row_text(tokenizer, input_ids[i], labels[i], dataset[i].get('positions'))}"
             for i in range(min(n, len(dataset)))]
     total = input_ids.numel()
-    trained = int((labels != IGNORE).sum())
-    is_padding = (input_ids == tokenizer.pad_id) & (labels == IGNORE)
+    trained = int((labels != IGNORE_INDEX).sum())
+    is_padding = (input_ids == tokenizer.pad_id) & (labels == IGNORE_INDEX)
     padding = int(is_padding.sum())
     # A packed row's padding tail is a segment of its own: the others are documents (or pieces).
     documents = "" if positions is None else f"; {int(((positions == 0) & ~is_padding).sum()):,} documents"

@@ -20,7 +20,7 @@ import torch
 
 from dtcollie.data.documents import positions_from_starts, split_documents
 from dtcollie.errors import DataError
-from dtcollie.loss import IGNORE_INDEX as IGNORE
+from dtcollie.loss import IGNORE_INDEX
 
 log = logging.getLogger("dtcollie.data")
 
@@ -54,8 +54,8 @@ def drop_untrainable(rows: list[tuple[list[int], list[bool]]], seq_len: int, spl
 def _row(tokens: list[int], is_output: list[bool], pad_id: int, seq_len: int) -> tuple[list[int], list[int]]:
     """Shift by one and pad to seq_len: input_ids[t] predicts labels[t]."""
     input_ids = tokens[:-1] + [pad_id] * (seq_len + 1 - len(tokens))
-    labels = [tok if keep else IGNORE for tok, keep in zip(tokens[1:], is_output[1:])]
-    return input_ids, labels + [IGNORE] * (seq_len - len(labels))
+    labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(tokens[1:], is_output[1:])]
+    return input_ids, labels + [IGNORE_INDEX] * (seq_len - len(labels))
 
 
 def pad_examples(examples, pad_id: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

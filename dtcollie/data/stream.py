@@ -33,7 +33,7 @@ corpora or another seq_len.
 
 Document masks (`document_mask=True`). Every document ends with EOS, so the token after an EOS
 starts a new document. Each row then has `positions` restarting at 0 there (and at the row's first
-token), and the label of every input EOS, the first token of the next document, is IGNORE (-100):
+token), and the label of every input EOS, the first token of the next document, is IGNORE_INDEX (-100):
 nothing is trained to predict across a document boundary. Without it, rows are input_ids and labels.
 
 Validation (`shuffle=False, infinite=False`): each source's blocks in order, one pass; the round

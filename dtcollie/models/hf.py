@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dtcollie.checkpoint import (check_shapes, load_weights_as_stored, model_state_dict, prepare_output_folder,
+from dtcollie.dcp_weights import (check_shapes, load_weights_as_stored, model_state_dict, prepare_output_folder,
                                  save_model_weights)
 from dtcollie.errors import CheckpointError, ConfigError
 from dtcollie.models.hf_files import (GENERATION_CONFIG, TOKENIZER_FILES, copy_generation_config,

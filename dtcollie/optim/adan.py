@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from dtcollie.optim.grad_norm import global_grad_norm, local, local_grad
+from dtcollie.optim.grad_norm import closure_loss, global_grad_norm, local, local_grad
 from dtcollie.optim.protocol import TrainingOptimizer, decay_groups, trainable
 
 
@@ -59,10 +59,7 @@ class Adan(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         clip = self._clip_coefficient()
         for group in self.param_groups:
             for param in group["params"]:

@@ -28,7 +28,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Replicate, Shard
 
-from dtcollie.optim.grad_norm import local, local_grad
+from dtcollie.optim.grad_norm import closure_loss, local, local_grad
 from dtcollie.optim.protocol import GlobalBatch, TrainingOptimizer
 from dtcollie.precision import accumulation_dtype
 from dtcollie.torch_private import _StridedShard
@@ -252,7 +252,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Unfused step from `.grad` (filled by the caller's backward); gradients are freed."""
-        loss = closure() if closure is not None else None
+        loss = closure_loss(closure)
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         if self.needs_norm_pass:
             self._norms = SquareNormAccumulator()

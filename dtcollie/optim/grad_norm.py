@@ -16,6 +16,14 @@ from torch.distributed.tensor import DTensor
 from dtcollie.precision import accumulation_dtype
 
 
+def closure_loss(closure) -> torch.Tensor | None:
+    """`Optimizer.step(closure)`'s loss: the closure re-evaluated with gradients on, or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """The rank-local part of a DTensor (a view that in-place ops write through), or the tensor itself."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor

@@ -8,7 +8,7 @@ by exactly lr: one state tensor (half of AdamW's) and no second moment. Same rul
 import torch
 from torch.optim import Optimizer
 
-from dtcollie.optim.grad_norm import local, local_grad
+from dtcollie.optim.grad_norm import closure_loss, local, local_grad
 from dtcollie.optim.protocol import TrainingOptimizer, decay_groups, trainable
 
 
@@ -27,10 +27,7 @@ class Lion(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             beta1, beta2 = group["betas"]

@@ -14,7 +14,7 @@ the official training script, bs is the number of tokens in the batch (batch siz
 import torch
 from torch.optim import Optimizer
 
-from dtcollie.optim.grad_norm import local, local_grad
+from dtcollie.optim.grad_norm import closure_loss, local, local_grad
 from dtcollie.optim.protocol import GlobalBatch, TrainingOptimizer, decay_groups, trainable
 
 
@@ -52,10 +52,7 @@ class SophiaG(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, bs: int = 5120):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, wd, rho = group["lr"], group["weight_decay"], group["rho"]
             beta1 = group["betas"][0]

@@ -12,7 +12,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from dtcollie.checkpoint import copy_full_tensors, load_model_weights, model_state_dict
+from dtcollie.dcp_weights import copy_full_tensors, load_model_weights, model_state_dict
 from dtcollie.models.llama import ModelArgs, Transformer
 from dtcollie.parallel.activation import apply_activation_checkpointing
 from dtcollie.parallel.compile import compile_blocks

@@ -3,7 +3,7 @@ projection, two copies of one matrix kept exactly equal (Megatron's way).
 
 - They start equal: after initialisation or loading, the first stage sends its embedding to the
   last stage, which copies it into the output projection. Checkpoints hold the one matrix under
-  `tok_embeddings.weight` (`dtcollie.checkpoint.model_state_dict`), so a tied model saves and
+  `tok_embeddings.weight` (`dtcollie.dcp_weights.model_state_dict`), so a tied model saves and
   exports as one weight on any layout.
 - They stay equal: after each backward the two stages exchange their gradients and both add them,
   so each copy gets the gradient of the one tied weight (a + b == b + a exactly, so the sums are

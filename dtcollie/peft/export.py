@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dtcollie.checkpoint import (check_shapes, load_weights_as_stored, model_state_dict, prepare_output_folder,
+from dtcollie.dcp_weights import (check_shapes, load_weights_as_stored, model_state_dict, prepare_output_folder,
                                  stored_model_shapes)
 from dtcollie.errors import CheckpointError, ConfigError
 from dtcollie.models.hf import (HF_OUTPUT_PATTERNS, MODEL_ARGS_FILE, load_model_args, save_hf, to_hf_name)

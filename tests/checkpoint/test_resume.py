@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dtcollie import config
-from dtcollie.checkpoint import load_weights_as_stored
+from dtcollie.dcp_weights import load_weights_as_stored
 from dtcollie.errors import CheckpointError
 from dtcollie.train import Trainer
 from dtcollie.metrics import read_losses

@@ -8,7 +8,7 @@ import torch
 from dtcollie.config import Data
 from dtcollie.data import build_dataset, load_tokenizer
 from dtcollie.data.chat import CHATML_TEMPLATE, load_chat_tokenizer, make_chatml_tokenizer, tokenize_conversations
-from dtcollie.data.sft import IGNORE
+from dtcollie.loss import IGNORE_INDEX
 from dtcollie.errors import DataError
 
 # The same ChatML rendering with transformers' {% generation %} markers around what is trained:
@@ -84,7 +84,7 @@ def test_dataset_rows_shift_the_mask_and_sharegpt_reads_the_same(write, assets):
     assert torch.equal(datasets[0].input_ids, datasets[1].input_ids)
     assert torch.equal(datasets[0].labels, datasets[1].labels)
     inputs, labels = datasets[0].input_ids[0], datasets[0].labels[0]
-    kept = labels != IGNORE
+    kept = labels != IGNORE_INDEX
     assert tok.decode(labels[kept].tolist()) == "5.<|im_end|>It is 8, which is twice 4.<|im_end|>"
     assert torch.equal(labels[:-1][kept[:-1]], inputs[1:][kept[:-1]])  # labels[t] is input[t + 1]
 

@@ -5,7 +5,7 @@ import torch
 
 from dtcollie.config import Data
 from dtcollie.data import build_dataset
-from dtcollie.data.sft import IGNORE
+from dtcollie.loss import IGNORE_INDEX
 from dtcollie.errors import DataError
 
 PAIRS = [("Question: What is 2 plus 3?\nAnswer:", " 5."), ("Q: capital of Peru?\nA:", " Lima."),
@@ -20,7 +20,7 @@ def sft_cfg(write, packing, pairs=PAIRS):
 def check_row(tok, inputs, labels, pairs):
     """The labelled positions are exactly each output + EOS, each predicted from the token before it."""
     expected = [t for i, o in pairs for t in (*tok.encode(o), tok.eos_id)]
-    kept = labels != IGNORE
+    kept = labels != IGNORE_INDEX
     assert labels[kept].tolist() == expected
     # Next-token shift: a label equals the next input token wherever that token is real (not padding).
     real_next = kept[:-1] & (inputs[1:] != tok.pad_id)
@@ -35,7 +35,8 @@ def test_padding_mode_masks_prompts_and_padding(tok, write):
         n_in, n_out = len(tok.encode(inp)), len(tok.encode(out))
         assert row["input_ids"][: n_in + n_out].tolist() == tok.encode(inp) + tok.encode(out)
         assert (row["input_ids"][n_in + n_out:] == tok.pad_id).all()
-        assert (row["labels"][: n_in - 1] == IGNORE).all() and (row["labels"][n_in + n_out:] == IGNORE).all()
+        assert (row["labels"][: n_in - 1] == IGNORE_INDEX).all()
+        assert (row["labels"][n_in + n_out:] == IGNORE_INDEX).all()
         check_row(tok, row["input_ids"], row["labels"], [(inp, out)])
 
 
@@ -63,6 +64,6 @@ def test_truncated_away_outputs_are_dropped_and_logged(tok, write, caplog):
     with caplog.at_level(logging.WARNING, logger="dtcollie.data"):
         ds = build_dataset(sft_cfg(write, packing=False, pairs=pairs), tok, seq_len=12, split="train")
     assert len(ds) == 2 and "dropped 1 of 3 train examples" in caplog.text
-    assert (ds[0]["labels"] != IGNORE).sum() == 12 - len(tok.encode("short")) + 1
+    assert (ds[0]["labels"] != IGNORE_INDEX).sum() == 12 - len(tok.encode("short")) + 1
     with pytest.raises(DataError, match="no usable sft example"):
         build_dataset(sft_cfg(write, packing=True, pairs=pairs[:1]), tok, seq_len=12, split="train")

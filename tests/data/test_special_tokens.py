@@ -14,7 +14,8 @@ from transformers import AutoTokenizer
 from dtcollie.config import Data
 from dtcollie.data import build_dataset, load_tokenizer
 from dtcollie.data.chat import load_chat_tokenizer, tokenize_conversations
-from dtcollie.data.sft import IGNORE, tokenize_examples
+from dtcollie.loss import IGNORE_INDEX
+from dtcollie.data.sft import tokenize_examples
 from dtcollie.data.shards import open_corpus
 from dtcollie.data.tokenize_corpus import tokenize_corpus
 from dtcollie.models.hf import save_hf
@@ -84,8 +85,8 @@ def test_pretrain_rows_are_transformers_documents_and_bos_starts_each_document(f
     assert torch.equal(positions[:, 1:] == 0, after_eos[:, 1:])  # documents start right after EOS ...
     first = ids[after_eos].tolist()
     assert len(first) >= 10 and (set(first) == {tok.bos_id} if PREFIX[style] else tok.bos_id not in first)
-    assert (labels[ids == tok.eos_id] == IGNORE).all()  # ... and no EOS is trained to predict the next BOS
-    assert (labels[labels != IGNORE] == blocks[:, 1:][labels != IGNORE]).all()
+    assert (labels[ids == tok.eos_id] == IGNORE_INDEX).all()  # ... and no EOS is trained to predict the next BOS
+    assert (labels[labels != IGNORE_INDEX] == blocks[:, 1:][labels != IGNORE_INDEX]).all()
 
 
 @pytest.mark.parametrize("style", ["llama3", "llama2_eos", "qwen"])

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from dtcollie.checkpoint import load_weights_as_stored
+from dtcollie.dcp_weights import load_weights_as_stored
 from dtcollie.errors import ConfigError
 from dtcollie.models.hf import (args_from_hf_config, convert_dcp_to_hf, convert_hf_to_dcp, expected_shapes, from_hf,
                                 hf_config_from_args, save_random_hf_model)

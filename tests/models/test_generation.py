@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from dtcollie import config
-from dtcollie.checkpoint import load_weights_as_stored, save_model_weights
+from dtcollie.dcp_weights import load_weights_as_stored, save_model_weights
 from dtcollie.generation import Sampling, filter_logits, generate
 from dtcollie.inference import build_inference_model, load_weights
 from dtcollie.models.hf import from_hf, save_model_args

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dtcollie.checkpoint import load_model_weights, model_state_dict, read_checkpoint_metadata, save_model_weights
+from dtcollie.dcp_weights import load_model_weights, model_state_dict, read_checkpoint_metadata, save_model_weights
 from dtcollie.errors import CheckpointError, ConfigError
 from dtcollie.models.hf import (args_from_hf_config, convert_dcp_to_hf, convert_hf_to_dcp, from_hf,
                                 hf_config_from_args, load_model_args, parse_size, save_model_args)
@@ -268,7 +268,7 @@ def test_parse_size():
 
 
 # --------------------------------------------------------------------------------------------
-# DCP model weights (dtcollie.checkpoint)
+# DCP model weights (dtcollie.dcp_weights)
 
 
 def tiny_model(tied: bool = False, hidden_dim: int = 48, seed: int = 0) -> Transformer:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from dtcollie.checkpoint import save_model_weights
+from dtcollie.dcp_weights import save_model_weights
 from dtcollie.models.llama import FLAVORS, Transformer
 
 # One novel of the shipped four: a layout test takes a few hundred sequences, and every rank of

@@ -15,7 +15,7 @@ import pytest
 import torch
 from train_jobs import launch_jobs
 
-from dtcollie.checkpoint import read_checkpoint_metadata, save_model_weights
+from dtcollie.dcp_weights import read_checkpoint_metadata, save_model_weights
 from dtcollie.metrics import read_losses
 from dtcollie.models.hf import randomize_norms_and_biases, save_model_args
 from dtcollie.models.llama import ModelArgs, Transformer

@@ -16,7 +16,7 @@ import pytest
 import torch
 from debug_weights import ONE_NOVEL, save_debug_init
 
-from dtcollie.checkpoint import load_weights_as_stored
+from dtcollie.dcp_weights import load_weights_as_stored
 from dtcollie.metrics import read_losses, read_records
 
 STEPS = 5

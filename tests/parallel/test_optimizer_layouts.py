@@ -36,7 +36,7 @@ import torch
 from debug_weights import ONE_NOVEL, save_debug_init
 from train_jobs import launch_jobs
 
-from dtcollie.checkpoint import load_weights_as_stored
+from dtcollie.dcp_weights import load_weights_as_stored
 from dtcollie.metrics import read_losses
 
 STEPS = 5

@@ -6,7 +6,7 @@ from torch.distributed.tensor import DTensor
 
 from debug_weights import ONE_NOVEL
 from dtcollie import config
-from dtcollie.checkpoint import model_state_dict
+from dtcollie.dcp_weights import model_state_dict
 from spawn import run_ranks
 
 FAST = ["--training.seq_len", "32", "--training.eval_interval", "0", *ONE_NOVEL]

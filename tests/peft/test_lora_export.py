@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from dtcollie.checkpoint import model_state_dict, save_model_weights
+from dtcollie.dcp_weights import model_state_dict, save_model_weights
 from dtcollie.errors import CheckpointError, ConfigError
 from dtcollie.models.hf import save_hf, save_model_args
 from dtcollie.peft import (export_lora, is_lora_key, lora_config, merge_lora, save_lora_config,

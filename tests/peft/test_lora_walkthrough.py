@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dtcollie.checkpoint import load_weights_as_stored
+from dtcollie.dcp_weights import load_weights_as_stored
 from dtcollie.models.hf import load_model_args
 from dtcollie.models.llama import Transformer
 from dtcollie.peft import apply_lora, load_lora_config

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dtcollie import config
 from dtcollie.data import build_dataset, load_tokenizer
-from dtcollie.data.sft import IGNORE
+from dtcollie.loss import IGNORE_INDEX
 from dtcollie.data.tokenize_corpus import tokenize_corpus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +34,7 @@ def test_chat_rows_mark_exactly_the_assistant_replies():
     cfg = config.load("train_configs/debug_chat.toml")
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     dataset = build_dataset(cfg.data, tokenizer, cfg.training.seq_len, "train")
-    trained = int((dataset.labels != IGNORE).sum())
+    trained = int((dataset.labels != IGNORE_INDEX).sum())
     assert f"{len(dataset):,} rows of 128 tokens" in done.stdout and f"trained {trained:,} (" in done.stdout
     # ¦ opens each conversation after the first; the padding tail is not shown.
     starts = (dataset.positions[0] == 0) & (dataset.input_ids[0] != tokenizer.pad_id)
