@@ -36,7 +36,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
 from dtcollie.dcp_weights import (SafeFileSystemReader, check_shapes, checkpoint_shapes, model_state_dict,
-                                 read_checkpoint_metadata, single_process_dcp)
+                                  read_checkpoint_metadata, single_process_dcp)
 from dtcollie.config import Checkpoint as CheckpointConfig
 
 log = logging.getLogger("dtcollie")

@@ -18,7 +18,6 @@ import argparse
 import os
 import sys
 
-import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 

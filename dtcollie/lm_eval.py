@@ -13,7 +13,6 @@ tokenizer's own special tokens, so BOS for Llama): `Tokenizer.encode_prompt`.
 """
 
 import lm_eval.models  # noqa: F401  (lm-eval's own models register first; a registry with ours alone looks complete)
-import torch
 from lm_eval.__main__ import cli_evaluate
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model

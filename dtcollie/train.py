@@ -181,29 +181,28 @@ class Trainer:
             if self.checkpointer.enabled and self.checkpointer.last_saved_step != self.step:
                 self.save_checkpoint()
             self.checkpointer.wait()
-            finished = self.step == training.steps
-            if finished and cfg.checkpoint.save_weights:
-                self.checkpointer.save_weights(self.weights_folder, weights_state(self.model.parts),
-                                               self.write_model_files)
-        self.metrics.console(self.summary(time.monotonic() - started, stop.signal_name))
+            weights = self.save_weights() if self.step == training.steps and cfg.checkpoint.save_weights else None
+        self.metrics.console(self.summary(time.monotonic() - started, stop.signal_name, weights))
         self.metrics.close()
 
-    @property
-    def weights_folder(self) -> Path:
-        return Path(self.cfg.job.dump_folder) / "weights"
+    def save_weights(self) -> Path:
+        """The trained model alone, into <dump_folder>/weights."""
+        folder = Path(self.cfg.job.dump_folder) / "weights"
+        self.checkpointer.save_weights(folder, weights_state(self.model.parts), self.write_model_files)
+        return folder
 
-    def summary(self, seconds: float, signal_name: str | None) -> str:
+    def summary(self, seconds: float, signal_name: str | None, weights: Path | None) -> str:
         """The closing lines: how far the run got, its last losses and where its outputs are."""
         cfg, folder = self.cfg, Path(self.cfg.job.dump_folder)
         losses = " | ".join(f"{name} {value:.4f}" for name, value in self.last_losses.items())
         how = "finished" if signal_name is None else f"stopped by {signal_name}"
         lines = [f"run {how}: step {self.step} of {cfg.training.steps} in {format_duration(seconds)}"
                  + (f" | {losses}" if losses else "")]
-        if self.step == cfg.training.steps and cfg.checkpoint.save_weights:
-            export = (f"tools/export_lora.py --checkpoint {self.weights_folder} --out ADAPTER_FOLDER --merge-into "
-                      f"HF_FOLDER" if lora_settings(cfg) is not None
-                      else f"tools/convert_dcp_to_hf.py --dcp {self.weights_folder} --out HF_FOLDER")
-            lines.append(f"  weights      {self.weights_folder}  (export: python {export})")
+        if weights is not None:
+            export = (f"tools/export_lora.py --checkpoint {weights} --out ADAPTER_FOLDER --merge-into HF_FOLDER"
+                      if lora_settings(cfg) is not None
+                      else f"tools/convert_dcp_to_hf.py --dcp {weights} --out HF_FOLDER")
+            lines.append(f"  weights      {weights}  (export: python {export})")
         if self.checkpointer.last_saved_step is not None:
             lines.append(f"  checkpoint   {self.checkpointer.folder / f'step-{self.checkpointer.last_saved_step}'}"
                          + ("  (the same command resumes it)" if self.step < cfg.training.steps else ""))

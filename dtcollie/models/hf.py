@@ -19,10 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dtcollie.dcp_weights import (check_shapes, load_weights_as_stored, model_state_dict, prepare_output_folder,
-                                 save_model_weights)
+                                  save_model_weights)
 from dtcollie.errors import CheckpointError, ConfigError
 from dtcollie.models.hf_files import (GENERATION_CONFIG, TOKENIZER_FILES, copy_generation_config,
-                                      copy_tokenizer_files, find_tokenizer, special_token_ids, write_side_files)
+                                      copy_tokenizer_files, export_tokenizer, write_side_files)
 from dtcollie.models.llama import FAMILIES, ModelArgs, Transformer
 
 CONFIG_FILE = "config.json"
@@ -483,8 +483,7 @@ def convert_dcp_to_hf(dcp_folder: str | Path, hf_folder: str | Path, *, dtype: t
         raise CheckpointError(f"DCP folder {dcp_folder} has no {MODEL_ARGS_FILE}; it says which model the "
                               f"weights belong to (convert_hf_to_dcp.py writes it)")
     args = load_model_args(args_path)
-    tokenizer = find_tokenizer(dcp_folder, tokenizer)
-    token_ids = special_token_ids(tokenizer) if tokenizer else {}
+    tokenizer, token_ids = export_tokenizer(dcp_folder, tokenizer)
     state_dict = load_weights_as_stored(dcp_folder)
     save_hf(state_dict, args, hf_folder, max_shard_size=max_shard_size, dtype=dtype, force=force, token_ids=token_ids)
     write_side_files(hf_folder, tokenizer, [dcp_folder], token_ids)

@@ -69,3 +69,10 @@ def find_tokenizer(folder: str | Path, given: str | Path | None) -> str | None:
             raise CheckpointError(f"tokenizer folder {given} has no tokenizer.json")
         return str(given)
     return str(folder) if Path(folder, "tokenizer.json").is_file() else None
+
+
+def export_tokenizer(folder: str | Path, given: str | Path | None) -> tuple[str | None, dict]:
+    """(the tokenizer an export ships, as `find_tokenizer` picks it, and its bos/eos/pad ids for
+    config.json; {} without a tokenizer)."""
+    tokenizer = find_tokenizer(folder, given)
+    return tokenizer, special_token_ids(tokenizer) if tokenizer else {}

@@ -5,6 +5,7 @@ memory planner `fused` and `state_copies`. Adding an optimizer is one file (its 
 `build` function returning a `dtcollie.optim.protocol.TrainingOptimizer`) plus one entry here.
 """
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,15 +24,22 @@ class OptimizerSpec:
     state_copies: int = 0  # fp32 state tensors the size of each trainable weight (memory planner)
 
 
+def class_betas(optimizer_class) -> tuple:
+    """The decay rates an optimizer class takes by default (its paper's and reference package's)."""
+    return inspect.signature(optimizer_class).parameters["betas"].default
+
+
 OPTIMIZERS = {
+    # torch's AdamW defaults to beta2 0.999; LLM recipes (Llama's among them) use 0.95.
     "adamw": OptimizerSpec(adamw.build, frozenset({"beta1", "beta2", "eps", "implementation"}),
                            "fused AdamW, 2 fp32 states", betas=(0.9, 0.95), state_copies=2),
-    "lion": OptimizerSpec(lion.build, frozenset({"beta1", "beta2"}), "Lion, 1 state", betas=(0.9, 0.99),
-                          state_copies=1),
+    "lion": OptimizerSpec(lion.build, frozenset({"beta1", "beta2"}), "Lion, 1 state",
+                          betas=class_betas(lion.Lion), state_copies=1),
     "adan": OptimizerSpec(adan.build, frozenset({"beta1", "beta2", "beta3", "eps", "no_prox"}),
-                          "Adan, 4 states (m, v, n, previous grad)", betas=(0.98, 0.92, 0.99), state_copies=4),
+                          "Adan, 4 states (m, v, n, previous grad)", betas=class_betas(adan.Adan), state_copies=4),
     "sophiag": OptimizerSpec(sophia.build, frozenset({"beta1", "beta2", "rho", "hessian_interval"}),
-                             "SophiaG, 2 states; update_hessian() every step", betas=(0.965, 0.99), state_copies=2),
+                             "SophiaG, 2 states; update_hessian() every step", betas=class_betas(sophia.SophiaG),
+                             state_copies=2),
     "lomo": OptimizerSpec(lomo.build, frozenset({"clip_grad_value"}), "LOMO: SGD fused into backward, no state",
                           fused=True),
     "adalomo": OptimizerSpec(adalomo.build, frozenset({"clip_grad_value", "clip_threshold", "decay_rate"}),

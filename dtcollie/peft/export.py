@@ -18,11 +18,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from dtcollie.dcp_weights import (check_shapes, load_weights_as_stored, model_state_dict, prepare_output_folder,
-                                 stored_model_shapes)
+                                  stored_model_shapes)
 from dtcollie.errors import CheckpointError, ConfigError
 from dtcollie.models.hf import (HF_OUTPUT_PATTERNS, MODEL_ARGS_FILE, load_model_args, save_hf, to_hf_name)
-from dtcollie.models.hf_files import (TOKENIZER_FILES, copy_tokenizer_files, find_tokenizer, special_token_ids,
-                                      write_side_files)
+from dtcollie.models.hf_files import TOKENIZER_FILES, copy_tokenizer_files, export_tokenizer, write_side_files
 from dtcollie.models.llama import ModelArgs, Transformer
 from dtcollie.peft.lora import (TARGETS, LoRAConfig, apply_lora, check_lora_config, is_lora_key, lora_config,
                                 merge_lora_state_dict)
@@ -158,8 +157,7 @@ def export_lora(checkpoint: str | Path, out_dir: str | Path, merge_into: str | P
                               f"(--base) to merge them")
     if base is not None:
         check_shapes(stored_model_shapes(base), base_expected, f"base checkpoint {base}")
-    tokenizer = find_tokenizer(checkpoint, tokenizer)
-    token_ids = special_token_ids(tokenizer) if tokenizer else {}
+    tokenizer, token_ids = export_tokenizer(checkpoint, tokenizer)
     prepare_output_folder(out_dir, force, PEFT_OUTPUT_PATTERNS)
     if merge_into is not None:
         prepare_output_folder(merge_into, force, HF_OUTPUT_PATTERNS)
