@@ -82,6 +82,7 @@ class Trainer:
             self.mesh = self.dims.build_mesh(self.device.type)
             self.dp_mesh = data_parallel_mesh(self.mesh)
             dist.barrier()  # every rank has read the run folder before rank 0 changes it
+        self.dp_rank = self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
         torch.manual_seed(cfg.job.seed)
         self.model = parallelize_model(self.spec, self.mesh)
         materialize(self.model, self.model_args, cfg.checkpoint.initial_load_path, self.device, cfg.job.seed)
@@ -126,9 +127,8 @@ class Trainer:
 
     def loader(self, split: str):
         training = self.cfg.training
-        dp_rank = self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
         return build_dataloader(self.cfg.data, self.tokenizer, training.seq_len, training.micro_batch_size,
-                                dp_rank, self.dims.dp, split, self.cfg.job.seed)
+                                self.dp_rank, self.dims.dp, split, self.cfg.job.seed)
 
     def train_step(self, batches) -> tuple[float, float, int]:
         """One optimizer step over the global batch; returns (loss, grad norm, tokens in the global batch)."""
@@ -148,9 +148,8 @@ class Trainer:
     def run_evaluators(self) -> None:
         """The [eval] tasks on the training model, spread over data-parallel ranks."""
         self.model.train(False)
-        dp_rank = self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
         result, samples = self.eval_tasks.run(WholeLogits(self.model.parts[0]), self.tokenizer,
-                                              self.cfg.training.seq_len, dp_rank, self.dims.dp,
+                                              self.cfg.training.seq_len, self.dp_rank, self.dims.dp,
                                               self.runner.dp_groups[0] if self.runner.dp_groups else None)
         self.model.train(True)
         self.metrics.log(self.step, result)
