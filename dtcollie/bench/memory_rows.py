@@ -13,7 +13,6 @@ None clips gradients, so LOMO/AdaLomo run one backward per step. The LoRA row tr
 with AdamW on a frozen bf16 base, as a LoRA fine-tune of bf16 weights would.
 """
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ from dtcollie.models.llama import ModelArgs, Transformer
 from dtcollie.optim.protocol import Pass, backward_passes
 from dtcollie.optim.registry import OPTIMIZERS, build_optimizer, is_fused
 from dtcollie.parallel.activation import apply_activation_checkpointing
+from dtcollie.parallel.reduce import clip_global_grad_norm
 from dtcollie.peft import apply_lora, init_lora
 
 REFERENCE_PACKAGE = "pytorch-optimizer"
@@ -135,7 +135,8 @@ class BenchBatch:
         return loss.detach()
 
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm or math.inf)
+        parameters = list(self.model.parameters())
+        return clip_global_grad_norm(parameters, max_norm, parameters[0].device)
 
 
 def reference_step(row: str, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
