@@ -247,21 +247,14 @@ class Compile:
     enable: bool = option(False, "torch.compile each transformer block and the loss")
 
 
-@dataclass
-class JobConfig:
-    job: Job = field(default_factory=Job)
-    model: Model = field(default_factory=Model)
-    parallelism: Parallelism = field(default_factory=Parallelism)
-    training: Training = field(default_factory=Training)
-    optimizer: Optimizer = field(default_factory=Optimizer)
-    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
-    data: Data = field(default_factory=Data)
-    eval: Eval = field(default_factory=Eval)
-    checkpoint: Checkpoint = field(default_factory=Checkpoint)
-    metrics: Metrics = field(default_factory=Metrics)
-    peft: Peft = field(default_factory=Peft)
-    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
-    compile: Compile = field(default_factory=Compile)
+# The TOML sections, each a dataclass whose fields are its keys.
+SECTIONS = {"job": Job, "model": Model, "parallelism": Parallelism, "training": Training, "optimizer": Optimizer,
+            "lr_scheduler": LRScheduler, "data": Data, "eval": Eval, "checkpoint": Checkpoint, "metrics": Metrics,
+            "peft": Peft, "activation_checkpoint": ActivationCheckpoint, "compile": Compile}
+# One job: an attribute per section (cfg.training.seq_len, ...), each with its defaults.
+JobConfig = dataclasses.make_dataclass(
+    "JobConfig", [(name, section, field(default_factory=section)) for name, section in SECTIONS.items()])
+JobConfig.__module__ = __name__  # where pickle finds it
 
 
 def _suggest(name: str, known) -> str:
