@@ -75,6 +75,10 @@ class ModelRunner:
             labels = sample_labels(plain(logits), labels, self.sampling_key)
         return self.loss_fn(logits, labels) / self.label_tokens
 
+    def stage_loss(self, inputs: torch.Tensor, labels: torch.Tensor, documents: dict) -> torch.Tensor:
+        """The (single-stage) model's share of the step loss for one micro-batch, graph attached."""
+        return self.step_loss(self.forward(inputs, documents.get("positions")), labels)
+
     def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(inputs, labels, documents) on this device; documents: packed rows' positions, which every
         pipeline stage's attention needs ({} for unpacked rows)."""
@@ -88,7 +92,7 @@ class ModelRunner:
         with self.loss_context():
             if self.schedule is not None:
                 return self.schedule_step(inputs, labels, documents, backward)
-            loss = self.step_loss(self.forward(inputs, documents.get("positions")), labels)
+            loss = self.stage_loss(inputs, labels, documents)
             if backward:
                 loss.backward()
         return plain(loss)
@@ -105,8 +109,7 @@ class ModelRunner:
         losses = []
         with self.loss_context():
             for batch in batches:
-                inputs, labels, documents = self.inputs(batch)
-                losses.append(self.step_loss(self.forward(inputs, documents.get("positions")), labels))
+                losses.append(self.stage_loss(*self.inputs(batch)))
             backward_passes(sum(losses), passes)
         return plain(sum(losses))
 

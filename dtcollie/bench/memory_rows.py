@@ -24,7 +24,7 @@ from dtcollie.loss import cross_entropy_sum
 from dtcollie.loss_chunked import chunked_lm_loss_sum
 from dtcollie.models.llama import ModelArgs, Transformer
 from dtcollie.optim.protocol import Pass, backward_passes
-from dtcollie.optim.registry import OPTIMIZERS, build_optimizer, is_fused
+from dtcollie.optim.registry import OPTIMIZERS, build_optimizer
 from dtcollie.parallel.activation import apply_activation_checkpointing
 from dtcollie.parallel.reduce import clip_global_grad_norm
 from dtcollie.peft import apply_lora, init_lora
@@ -55,7 +55,7 @@ class BenchSpec:
 
 def holds_bf16_weights(row: str, dtype: str) -> bool:
     """Whether the row's weights themselves are bf16 (else fp32, under bf16 autocast when dtype is bf16)."""
-    fused = row in OPTIMIZERS and is_fused(row)
+    fused = row in OPTIMIZERS and OPTIMIZERS[row].fused
     return dtype == "bf16" and (row in ("forward-only", "lora") or fused or row in REFERENCE_ROWS)
 
 

@@ -51,6 +51,3 @@ def build_optimizer(cfg, parts: list, max_norm: float, pp_group=None):
     """The trainer's optimizer for `[optimizer]` (`cfg`, a checked dtcollie.config.Optimizer)."""
     return OPTIMIZERS[cfg.name].build(cfg, parts, max_norm, pp_group)
 
-
-def is_fused(name: str) -> bool:
-    return OPTIMIZERS[name].fused
