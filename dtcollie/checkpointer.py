@@ -16,16 +16,23 @@ would `torch.load(weights_only=False)` any non-tensor entry):
 - `rng.cpu` (and `rng.cuda`), `step`.
 
 Names are the whole model's, whatever the pipeline split, so a checkpoint saved under one layout
-loads under any other. DCP writes into `step-N.partial`, renamed to `step-N` only once complete: a
-crash during a save leaves the previous checkpoint intact, and the next start removes the partial
-folder with a warning. At the end of a run the trained model alone goes to `<dump_folder>/weights`
+loads under any other. DCP writes into `step-N.partial`, renamed to `step-N` only once complete
+(with its `files.json`, see dtcollie.dcp_weights): a crash during a save leaves the previous
+checkpoint intact, and the next start removes the partial folder with a warning. A save that fails
+(disk full, no permission) removes its partial folder and stops the run with one line; the older
+checkpoints are untouched. A resume takes the newest checkpoint whose files are complete (an
+older one, with a warning, when the newest is truncated or unreadable) and refuses one whose
+entries are not exactly this run's: another optimizer, LoRA setting or model shape. At the end of a run the trained model alone goes to `<dump_folder>/weights`
 (`checkpoint.save_weights`): the weights under their plain names, the format
 `checkpoint.initial_load_path`, the converters and `dtcollie.generate` take. Every checkpoint and
 weights folder also holds `model_args.json` (and `lora.json` for LoRA runs) and the run's tokenizer
 files, so the tools can read it alone.
 """
 
+import contextlib
+import errno
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -34,10 +41,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
-from dtcollie.dcp_weights import (SafeFileSystemReader, check_shapes, checkpoint_shapes, model_state_dict,
-                                  read_checkpoint_metadata, single_process_dcp)
+from dtcollie.dcp_weights import (check_shapes, checkpoint_shapes, dcp_load, first_names, model_state_dict, one_line,
+                                  read_checkpoint_metadata, single_process_dcp, write_manifest)
 from dtcollie.config import Checkpoint as CheckpointConfig
+from dtcollie.errors import CheckpointError, describe_os_error
 
 log = logging.getLogger("dtcollie")
 
@@ -63,8 +72,15 @@ def checkpoint_step(folder: Path) -> int:
 
 
 def latest_resumable(folder: Path) -> Path | None:
-    """The newest complete resumable checkpoint under `folder` (a run's checkpoints/), or None."""
-    return next((p for p in reversed(complete_checkpoints(folder)) if is_resumable(p)), None)
+    """The newest complete resumable checkpoint under `folder` (a run's checkpoints/), or None; a
+    newer one that is truncated or unreadable is passed over with a warning."""
+    for checkpoint in reversed(complete_checkpoints(folder)):
+        try:
+            if is_resumable(checkpoint):
+                return checkpoint
+        except CheckpointError as err:
+            log.warning("passing over %s, which cannot be resumed (%s); trying the one before it", checkpoint, err)
+    return None
 
 
 class Checkpointer:
@@ -73,7 +89,7 @@ class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, dump_folder: str, rank: int, use_dist: bool):
         self.cfg, self.rank, self.use_dist = cfg, rank, use_dist
         self.folder = Path(dump_folder) / "checkpoints"
-        self.pending = None  # (future, partial folder, final folder) of an async save
+        self.pending = None  # (future, partial folder, final folder, bytes) of an async save
         self.last_saved_step = None
         # The background writer gets its own gloo group, so its collectives never interleave with
         # the training loop's on the default group (the one process group not from the mesh).
@@ -106,30 +122,57 @@ class Checkpointer:
     def _write(self, final: Path, state: dict[str, torch.Tensor], write_files, background: bool) -> None:
         self.wait()
         partial = final.with_name(final.name + PARTIAL_SUFFIX)
-        if self.rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-            if write_files is not None:
-                write_files(partial)
+        with self._failing_save(partial, final):
+            if self.rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+                if write_files is not None:
+                    write_files(partial)
         self._barrier()
         writer = FileSystemWriter(partial)
-        with single_process_dcp():
+        needed = sum(t.nbytes for t in state.values())
+        with self._failing_save(partial, final, needed), single_process_dcp():
             if background:
                 future = dcp.async_save(state, storage_writer=writer, process_group=self.async_group,
                                         no_dist=not self.use_dist)
-                self.pending = (future, partial, final)
+                self.pending = (future, partial, final, needed)
             else:
                 dcp.save(state, storage_writer=writer, no_dist=not self.use_dist)
-                self._publish(partial, final)
+        if not background:
+            self._publish(partial, final)
 
     def wait(self) -> None:
         """Finish (and publish) an async save in flight."""
         if self.pending is None:
             return
-        future, partial, final = self.pending
+        future, partial, final, needed = self.pending
         self.pending = None
-        future.result()
+        with self._failing_save(partial, final, needed):
+            future.result()
         self._publish(partial, final)
+
+    @contextlib.contextmanager
+    def _failing_save(self, partial: Path, final: Path, needed: int = 0):
+        """A save that fails leaves nothing half-written behind and says why in one line. (DCP gathers
+        every rank's write errors and raises them on all ranks, so every rank stops here together.)
+        A full disk often surfaces as torch.save's own error ("unexpected pos"), so the free space
+        is checked against the `needed` bytes of this rank's state before the partial folder goes."""
+        try:
+            yield
+        except (OSError, RuntimeError, CheckpointException) as err:
+            inner = err
+            if isinstance(err, CheckpointException) and err.failures:
+                inner = next(iter(err.failures.values()))[0]
+            if isinstance(inner, OSError):
+                reason = describe_os_error(inner)
+            elif shutil.disk_usage(partial.parent).free < needed:
+                reason = describe_os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial.parent)))
+            else:
+                reason = one_line(inner)
+            if self.rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise CheckpointError(f"saving {final} failed ({reason}); the checkpoints saved before it are intact"
+                                  ) from None
 
     def load(self, folder: Path, components: dict) -> None:
         """Load `folder` into the components (after checking every key and shape). Byte entries
@@ -139,20 +182,41 @@ class Checkpointer:
                 component.prepare_to_load()
         state = flat_state(components)
         shapes = checkpoint_shapes(read_checkpoint_metadata(folder))
+        # Entries newer than the checkpoint's format are read when present (see `added_later`).
+        later = {f"{name}.{key}" for name, component in components.items()
+                 for key in getattr(component, "added_later", ())}
+        state = {name: t for name, t in state.items() if name in shapes or name not in later}
         sized = {name for name, t in state.items() if t.dtype == torch.uint8 and name in shapes}
-        # Other pipeline stages' entries are in the checkpoint too: only this rank's must match.
+        # Other pipeline stages' entries are in the checkpoint too: only this rank's must match here,
+        # and all ranks' together must be exactly the checkpoint's (below).
         check_shapes(shapes, {name: tuple(t.shape) for name, t in state.items() if name not in sized},
                      f"checkpoint {folder}", allow_unexpected=True)
+        self._check_no_foreign_entries(folder, shapes, set(state))
         state.update({name: torch.empty(shapes[name], dtype=torch.uint8) for name in sized})
-        with single_process_dcp():
-            dcp.load(state, storage_reader=SafeFileSystemReader(folder), no_dist=not self.use_dist)
+        dcp_load(state, folder, no_dist=not self.use_dist)
         for name, component in components.items():
             component.load_state_dict(entries_of(state, name))
+
+    def _check_no_foreign_entries(self, folder: Path, shapes: dict, names: set[str]) -> None:
+        """Refuse entries no rank of this run has: the state of another optimizer (AdamW's exp_avg_sq
+        under Lion), the base weights of a full run under LoRA. The RNG's may differ (a GPU run's
+        CUDA generator resumed on CPU)."""
+        if self.use_dist:
+            every_rank = [None] * dist.get_world_size()
+            dist.all_gather_object(every_rank, sorted(names))
+            names = set().union(*every_rank)
+        foreign = [name for name in shapes if name not in names and not name.startswith("rng.")]
+        if foreign:
+            raise CheckpointError(f"checkpoint {folder} holds entries this run has no place for: "
+                                  f"{first_names(foreign)}; it was "
+                                  f"saved with another optimizer, LoRA setting or model, which a resume must keep")
 
     def _publish(self, partial: Path, final: Path) -> None:
         """Make a complete checkpoint visible, then drop the oldest beyond keep_latest_k (rank 0)."""
         self._barrier()
         if self.rank == 0:
+            with self._failing_save(partial, final):
+                write_manifest(partial)
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
             keep = self.cfg.keep_latest_k

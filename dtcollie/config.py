@@ -22,15 +22,17 @@ from dtcollie.precision import BF16_COMPUTE
 # Input paths starting with this name the files shipped inside the package, wherever it is installed.
 ASSETS_PREFIX = "dtcollie/assets/"
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+INT_LIMIT = 2**63  # every int is an int64 somewhere (a tensor, a generator seed)
 # option(path=...): an input path; WEIGHTED: "PATH" or "PATH:WEIGHT" entries, whose PATH part is resolved.
 PATH, WEIGHTED = "path", "weighted"
 
 
-def option(default, doc: str, choices=(), minimum=None, path: str | None = None):
+def option(default, doc: str, choices=(), minimum=None, below=None, path: str | None = None):
     """A config field with its one-line doc, allowed choices (of a list: of each item; a function
-    for names defined in a module that imports this one), lower bound (inclusive) and whether it
-    holds input paths (resolved by `load`, see `resolve_path`)."""
-    meta = {"doc": doc, "choices": choices, "minimum": minimum, "path": path}
+    for names defined in a module that imports this one), lower bound (inclusive), upper bound
+    (exclusive; an int is below 2**63 anyway) and whether it holds input paths (resolved by `load`,
+    see `resolve_path`). A float must also be finite."""
+    meta = {"doc": doc, "choices": choices, "minimum": minimum, "below": below, "path": path}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -100,7 +102,7 @@ class Training:
     global_batch_size: int = option(8, "sequences per optimizer step, over all data-parallel ranks", minimum=1)
     micro_batch_size: int = option(8, "sequences per forward per data-parallel rank; accumulation is derived",
                                    minimum=1)
-    seq_len: int = option(128, "tokens per training sequence", minimum=2)
+    seq_len: int = option(128, "tokens per training sequence", minimum=2, below=2**24)
     max_norm: float = option(1.0, "clip gradients to this global L2 norm; 0 disables clipping", minimum=0.0)
     mixed_precision: str = option("fp32", "bf16: bf16 compute, fp32 master weights (autocast or FSDP's policy); "
                                   "bf16_weights: the weights themselves in bf16, no fp32 copy (lomo and adalomo "
@@ -124,9 +126,12 @@ class Optimizer:
     lr: float = option(1e-3, "peak learning rate", minimum=0.0)
     weight_decay: float = option(0.1, "weight decay (decoupled; norms excluded for adamw/lion/adan/sophiag)",
                                  minimum=0.0)
-    beta1: float = option(-1.0, f"first decay rate; -1: the optimizer's default ({default_betas(0)})", minimum=-1.0)
-    beta2: float = option(-1.0, f"second decay rate; -1: the optimizer's default ({default_betas(1)})", minimum=-1.0)
-    beta3: float = option(-1.0, f"third decay rate; -1: the optimizer's default ({default_betas(2)})", minimum=-1.0)
+    beta1: float = option(-1.0, f"first decay rate in [0, 1); -1: the optimizer's default ({default_betas(0)})",
+                         minimum=-1.0, below=1.0)
+    beta2: float = option(-1.0, f"second decay rate in [0, 1); -1: the optimizer's default ({default_betas(1)})",
+                         minimum=-1.0, below=1.0)
+    beta3: float = option(-1.0, f"third decay rate in [0, 1); -1: the optimizer's default ({default_betas(2)})",
+                         minimum=-1.0, below=1.0)
     eps: float = option(1e-8, "adamw, adan: denominator epsilon", minimum=0.0)
     implementation: str = option("auto", "adamw kernel: auto (= fused, on CUDA and CPU), fused, foreach, for-loop",
                                  choices=("auto", "fused", "foreach", "for-loop"))
@@ -136,7 +141,8 @@ class Optimizer:
     clip_grad_value: float = option(0.0, "lomo, adalomo: clip each gradient element to +-this; 0 disables",
                                     minimum=0.0)
     clip_threshold: float = option(1.0, "adalomo: update RMS above which the update is scaled down", minimum=0.0)
-    decay_rate: float = option(-0.8, "adalomo: second-moment decay exponent, beta2_t = 1 - t^decay_rate")
+    decay_rate: float = option(-0.8, "adalomo: second-moment decay exponent, beta2_t = 1 - t^decay_rate",
+                               below=0.0)
 
     def betas(self) -> tuple:
         """This optimizer's betas, with -1 entries replaced by its defaults."""
@@ -170,7 +176,7 @@ class Data:
     hf_split: str = option("train", "hf_dataset: the split to train on")
     hf_val_split: str = option("", "hf_dataset: the validation split; empty: hold out val_fraction of hf_split")
     val_fraction: float = option(0.02, "documents held out for validation when val_files is empty",
-                                 minimum=0.0)
+                                 minimum=0.0, below=1.0)
     sources: list = option([], "tokens: corpus folders, each FOLDER or FOLDER:WEIGHT (a weighted mixture; "
                            "default weight 1)", path=WEIGHTED)
     val_sources: list = option([], "tokens: validation corpus folders (FOLDER or FOLDER:WEIGHT), read in order",
@@ -229,7 +235,8 @@ class Peft:
     rank: int = option(8, "lora: rank r of each adapter (A is r x in, B is out x r)", minimum=1)
     alpha: float = option(16.0, "lora: the adapter output is scaled by alpha / rank (alpha / sqrt(rank) with "
                           "use_rslora)", minimum=0.0)
-    dropout: float = option(0.0, "lora: dropout probability on the adapter input (below 1)", minimum=0.0)
+    dropout: float = option(0.0, "lora: dropout probability on the adapter input", minimum=0.0,
+                          below=1.0)
     use_rslora: bool = option(False, "lora: rank-stabilised scale alpha / sqrt(rank) instead of alpha / rank")
     target_modules: list = option(["wq", "wk", "wv", "wo"], "lora: projections to adapt",
                                   choices=lora_target_names)
@@ -352,8 +359,19 @@ def _check_values(config: JobConfig) -> None:
                 raise ConfigError(f"{key} item {unknown[0]!r} is not allowed; choose from {', '.join(choices)}")
             if choices and not isinstance(value, list) and value not in choices:
                 raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {', '.join(choices)}")
-            if minimum is not None and (value < minimum or (isinstance(value, float) and math.isnan(value))):
+            is_int = isinstance(value, int) and not isinstance(value, bool)
+            below = INT_LIMIT if is_int and f.metadata["below"] is None else f.metadata["below"]
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{key} = {value!r} is not allowed; it must be a finite number")
+            if minimum is not None and value < minimum:
                 raise ConfigError(f"{key} = {value!r} is too small; it must be >= {minimum}")
+            if below is not None and value >= below:
+                bound = "2**63" if below == INT_LIMIT else below
+                raise ConfigError(f"{key} = {value!r} is too large; it must be < {bound}")
+    for index, beta in enumerate(config.optimizer.betas()):
+        if beta < 0.0:
+            raise ConfigError(f"optimizer.beta{index + 1} = {beta!r} is not allowed; it must be -1 (the optimizer's "
+                              f"default) or in [0, 1)")
     # A key of another optimizer set away from its default would be silently ignored: refuse it.
     # (Defaults are allowed, so an effective config.toml, which lists every key, loads again.)
     optimizer = config.optimizer
@@ -369,8 +387,6 @@ def _check_values(config: JobConfig) -> None:
     if training.global_batch_size % training.micro_batch_size:
         raise ConfigError(f"training.global_batch_size = {training.global_batch_size} is not a multiple of "
                           f"training.micro_batch_size = {training.micro_batch_size}")
-    if not 0.0 <= config.data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction = {config.data.val_fraction} must be in [0, 1)")
 
 
 def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
@@ -405,9 +421,15 @@ def load(path: str | None = None, overrides: list[tuple[str, str]] = ()) -> JobC
             setattr(section, f.name, _resolved(getattr(section, f.name), f.metadata["path"], Path.cwd()))
     if path:
         try:
-            data = tomllib.loads(Path(path).read_text())
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a folder; give the .toml file in it") from None
+        except OSError as err:
+            raise ConfigError(f"config file {path} cannot be read ({err.strerror})") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
         for section_name, table in data.items():
@@ -427,8 +449,6 @@ def load(path: str | None = None, overrides: list[tuple[str, str]] = ()) -> JobC
 def _toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, str):

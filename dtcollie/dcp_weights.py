@@ -7,9 +7,16 @@ DTensor-parallel one, and `copy_` into the target casts, so a bf16 folder loads 
 DCP's `.metadata` file is a pickle. It is read here with an allow-list unpickler, so a crafted
 checkpoint cannot run code; DCP itself reads tensor data with `torch.load(weights_only=True)`, and
 only tensors are ever requested because the keys are checked against the model first.
+
+Every folder dtcollie writes also lists DCP's files in it (`.metadata`, `*.distcp`) and their sizes
+in `files.json`, written once the folder is complete; readers check it first, so a truncated or missing file is named before DCP
+reads anything. Corruption DCP meets while reading (a garbled pickle, short data) becomes a
+CheckpointError naming the folder too. (The sizes catch truncation; changed bytes inside a tensor's
+data are not detectable without checksums, which would cost a full read of every checkpoint.)
 """
 
 import contextlib
+import json
 import pickle
 import warnings
 from pathlib import Path
@@ -19,12 +26,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dtcollie.errors import CheckpointError
 
 METADATA_FILE = ".metadata"
+MANIFEST_FILE = "files.json"  # each DCP file of the folder and its size in bytes, written when it is complete
 MAX_LISTED = 5  # mismatched keys named in one error message
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
@@ -88,7 +97,7 @@ def check_shapes(found: dict[str, tuple | None], expected: dict[str, tuple], sou
     unexpected = [] if allow_unexpected else [name for name in found if name not in expected]
     wrong = [f"{name} (checkpoint {_shape(found[name])}, model {list(expected[name])})"
              for name in expected if name in found and _shape(found[name]) != list(expected[name])]
-    problems = [f"{label}: {_first(names)}" for label, names in
+    problems = [f"{label}: {first_names(names)}" for label, names in
                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if names]
     if problems:
         raise CheckpointError(f"{source} does not match the model; " + "; ".join(problems))
@@ -98,7 +107,8 @@ def _shape(shape: tuple | None) -> list | str:
     return "not a tensor" if shape is None else list(shape)
 
 
-def _first(names: list[str]) -> str:
+def first_names(names: list[str]) -> str:
+    """The first MAX_LISTED names, and how many more."""
     more = f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
     return ", ".join(names[:MAX_LISTED]) + more
 
@@ -133,14 +143,52 @@ def read_checkpoint_metadata(folder: str | Path) -> Metadata:
     if not (folder / METADATA_FILE).is_file():
         what = "does not exist" if not folder.exists() else f"has no {METADATA_FILE} (not a DCP checkpoint)"
         raise CheckpointError(f"checkpoint folder {folder} {what}")
+    check_manifest(folder)
     try:
         metadata = SafeFileSystemReader(folder).read_metadata()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {folder / METADATA_FILE} is unreadable: {err}") from None
-    if not isinstance(metadata, Metadata):
+    except Exception as err:  # corrupt bytes can make the unpickler raise anything
+        raise CheckpointError(f"checkpoint {folder / METADATA_FILE} is unreadable: {one_line(err)}") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
         raise CheckpointError(f"checkpoint {folder / METADATA_FILE} does not hold DCP metadata")
     return metadata
 
+
+def write_manifest(folder: str | Path) -> None:
+    """List the complete folder's DCP files and their sizes in files.json (see the module doc)."""
+    folder = Path(folder)
+    files = {p.name: p.stat().st_size for p in sorted([folder / METADATA_FILE, *folder.glob("*.distcp")])}
+    (folder / MANIFEST_FILE).write_text(json.dumps(files, indent=1) + "\n")
+
+
+def check_manifest(folder: Path) -> None:
+    """Refuse a folder whose files differ from its files.json. Folders written before files.json
+    existed, or by other tools, have none and are read as they are."""
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        return
+    try:
+        files = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {one_line(err)}") from None
+    if not (isinstance(files, dict) and all(Path(name).name == name and type(size) is int
+                                            for name, size in files.items())):
+        raise CheckpointError(f"checkpoint {path} is not a list of file sizes; the folder was changed by hand")
+    for name, size in files.items():
+        if not (folder / name).is_file():
+            raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
+        found = (folder / name).stat().st_size
+        if found != size:
+            raise CheckpointError(f"checkpoint {folder / name} has {found:,} bytes, but {MANIFEST_FILE} says "
+                                  f"{size:,}: it is truncated or was changed")
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: DCP's CheckpointException by the first failing rank's exception."""
+    if isinstance(err, CheckpointException) and err.failures:
+        rank, (inner, _) = next(iter(sorted(err.failures.items(), key=lambda item: item[0])))
+        return f"rank {rank}: {one_line(inner)}"
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 300 else text[:300] + "..."
 
 def checkpoint_shapes(metadata: Metadata) -> dict[str, tuple | None]:
     """Key -> global shape for tensors, None for anything else stored."""
@@ -169,6 +217,8 @@ def save_model_weights(model_or_state_dict: nn.Module | dict, folder: str | Path
     Path(folder).mkdir(parents=True, exist_ok=True)
     with single_process_dcp():
         dcp.save(state_dict, storage_writer=FileSystemWriter(folder), no_dist=_no_dist())
+    if _no_dist() or dist.get_rank() == 0:  # dcp.save returns once every rank's files are written
+        write_manifest(folder)
 
 
 def load_model_weights(model: nn.Module | list[nn.Module], folder: str | Path, reference: nn.Module | None = None) -> None:
@@ -182,7 +232,7 @@ def load_model_weights(model: nn.Module | list[nn.Module], folder: str | Path, r
     check_shapes(checkpoint_shapes(read_checkpoint_metadata(folder)),
                  {name: tuple(t.shape) for name, t in expected.items()}, f"checkpoint {folder}")
     # Only the reference's keys: a LoRA model loads its base weights and keeps its fresh adapters.
-    _dcp_load({name: t for part in parts for name, t in model_state_dict(part).items() if name in expected}, folder)
+    dcp_load({name: t for part in parts for name, t in model_state_dict(part).items() if name in expected}, folder)
 
 
 TRAINING_MODEL_PREFIX = "model."  # a training checkpoint (dtcollie.checkpointer) stores its weights under it
@@ -212,16 +262,23 @@ def load_weights_as_stored(folder: str | Path) -> dict[str, torch.Tensor]:
     shapes = checkpoint_shapes(metadata)
     not_tensors = [name for name, key in entries.items() if shapes[key] is None]
     if not_tensors:
-        raise CheckpointError(f"checkpoint {folder} holds non-tensor entries: {_first(not_tensors)}")
+        raise CheckpointError(f"checkpoint {folder} holds non-tensor entries: {first_names(not_tensors)}")
     stored = {key: torch.empty(metadata.state_dict_metadata[key].size,
                                dtype=metadata.state_dict_metadata[key].properties.dtype) for key in entries.values()}
-    _dcp_load(stored, folder)
+    dcp_load(stored, folder)
     return {name: stored[key] for name, key in entries.items()}
 
 
-def _dcp_load(state_dict: dict, folder: str | Path) -> None:
-    with single_process_dcp():
-        dcp.load(state_dict, storage_reader=SafeFileSystemReader(folder), no_dist=_no_dist())
+def dcp_load(state_dict: dict, folder: str | Path, no_dist: bool | None = None) -> None:
+    """DCP-load `folder` into `state_dict` in place; corrupt or truncated data is a CheckpointError.
+    `no_dist` defaults to whether there is no process group."""
+    try:
+        with single_process_dcp():
+            dcp.load(state_dict, storage_reader=SafeFileSystemReader(folder),
+                     no_dist=_no_dist() if no_dist is None else no_dist)
+    except (Exception, CheckpointException) as err:  # the keys and shapes were checked: this is the data
+        raise CheckpointError(f"checkpoint {folder} has a corrupt or truncated data file ({one_line(err)}); "
+                              f"restore the folder from a copy, or use another checkpoint") from None
 
 
 def prepare_output_folder(folder: str | Path, force: bool, patterns: tuple[str, ...]) -> None:

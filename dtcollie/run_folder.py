@@ -11,6 +11,7 @@ all name the run by its folder, and a folder that silently changes per start bre
 """
 
 import dataclasses
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,10 @@ def plan_run_start(config: JobConfig) -> RunStart:
     folder = Path(config.job.dump_folder)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"job.dump_folder {folder} is a file, not a folder; choose another job.dump_folder")
+    existing = next(path for path in Path(os.path.abspath(folder)).parents if path.exists())
+    if not folder.exists() and not existing.is_dir():
+        raise ConfigError(f"job.dump_folder {folder} cannot be created: {existing} is a file; choose another "
+                          f"job.dump_folder")
     present = [name for name in RUN_ENTRIES if (folder / name).exists()]
     way_out = "choose another job.dump_folder, or set job.overwrite = true to replace it"
     if config.job.overwrite:

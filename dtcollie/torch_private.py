@@ -14,11 +14,17 @@ from torch.distributed.device_mesh import DeviceMesh
 # FSDP2 over TP shards a parameter's dim 0 in strides; code that inspects placements must know it.
 from torch.distributed.tensor.placement_types import _StridedShard
 
-__all__ = ["checkpoint_wrapper", "_StridedShard", "flatten_mesh", "init_fake_process_group",
+__all__ = ["checkpoint_wrapper", "_StridedShard", "default_store", "flatten_mesh", "init_fake_process_group",
            "loader_batches_yielded", "loader_finished"]
 
 # checkpoint_wrapper: torch's activation-checkpointing module wrapper (TorchTitan's too); the
 # public torch.utils.checkpoint has no module wrapper that keeps state_dict names loadable.
+
+
+def default_store() -> dist.Store:
+    """The default process group's store, where a failing rank leaves its message for the others
+    (`dtcollie.rank_failure`); torch has no public getter for it."""
+    return dist.distributed_c10d._get_default_store()
 
 
 def flatten_mesh(mesh: DeviceMesh, name: str) -> DeviceMesh:

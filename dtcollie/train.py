@@ -21,6 +21,7 @@ from dtcollie.checkpointer import Checkpointer, checkpoint_step, weights_state
 from dtcollie.cli import run_main
 from dtcollie.config import JobConfig
 from dtcollie.data import build_dataloader, load_tokenizer
+from dtcollie.errors import UserError
 from dtcollie.evals import EvalTasks, WholeLogits
 from dtcollie.lr import build_lr_scheduler
 from dtcollie.metrics import MetricsLogger, Throughput, console_line, format_duration, peak_flops, peak_memory_gib
@@ -83,6 +84,9 @@ class Trainer:
             self.dp_mesh = data_parallel_mesh(self.mesh)
             dist.barrier()  # every rank has read the run folder before rank 0 changes it
         self.dp_rank = self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
+        # The data first: a corpus too small for seq_len is named before the model is allocated.
+        self.train_loader = self.loader("train")
+        self.val_loader = self.loader("val") if training.eval_interval else None
         torch.manual_seed(cfg.job.seed)
         self.model = parallelize_model(self.spec, self.mesh)
         materialize(self.model, self.model_args, cfg.checkpoint.initial_load_path, self.device, cfg.job.seed)
@@ -90,8 +94,6 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optimizer, self.model.parts, training.max_norm, self.runner.pp_group)
         self.scheduler = build_lr_scheduler(self.optimizer.optimizer, cfg.optimizer.lr, training.steps,
                                             cfg.lr_scheduler)
-        self.train_loader = self.loader("train")
-        self.val_loader = self.loader("val") if training.eval_interval else None
         self.eval_tasks = EvalTasks.of(cfg, self.dims.pp)
         self.counter = StepCounter()
         self.last_losses = {}  # the latest train and val loss, for the closing summary
@@ -256,6 +258,7 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             self.step += 1
             loss, grad_norm, tokens = self.train_step(batches)
+            self.check_finite(loss, lr)
             throughput.add(tokens)
             if self.step % cfg.metrics.log_freq == 0 or self.step in (1, training.steps):
                 record = {"loss": loss, "lr": lr, "grad_norm": grad_norm, **throughput.report(self.step),
@@ -276,6 +279,17 @@ class Trainer:
             if self.eval_tasks is not None and due:
                 self.run_evaluators()
 
+    def check_finite(self, loss: float, lr: float) -> None:
+        """Stop, on every rank at once (the loss is global), when training has diverged: training on
+        would only save NaN weights over the last good checkpoint."""
+        if math.isfinite(loss):
+            return
+        saved = self.checkpointer.last_saved_step
+        last_good = f"the last checkpoint is step-{saved}" if saved is not None else "no checkpoint was saved"
+        raise UserError(f"the training loss is {loss} at step {self.step} (learning rate {lr:.3g}): training "
+                        f"diverged, so the run stops ({last_good}); lower optimizer.lr, clip with "
+                        f"training.max_norm, or look for bad data in this step")
+
 
 def main(argv: list[str]) -> None:
     if "--help" in argv or "-h" in argv:
@@ -289,11 +303,11 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
                         format="%(message)s")
     filter_rank_warnings()
-    try:
-        Trainer(cfg).train()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    Trainer(cfg).train()
+    # Only after success: after a failure run_main ends this rank at once, as destroy_process_group
+    # could wait on a peer that has gone.
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

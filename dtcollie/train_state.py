@@ -106,7 +106,9 @@ class SchedulerState:
 class LoaderState:
     """The training loader's position in the global data order, which does not depend on the layout:
     `epoch` and `sequences` consumed of it for in-memory data, the blocks `taken` from each token
-    corpus (and their `blocks` counts) for streams."""
+    corpus (and their `blocks` counts) for streams; in-memory data also saves its `fingerprint`."""
+
+    added_later = ("fingerprint",)  # absent from checkpoints saved before it: those load without the check
 
     def __init__(self, loader):
         self.loader = loader

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,12 +70,30 @@ def test_cli_forms():
     ("[model]\nflavor = 'llama9'\n", "model.flavor = 'llama9' is not allowed; choose one of debug, llama2_7b,"),
     ("[peft]\ntarget_modules = ['wq', 'q_proj']\n",
      "peft.target_modules item 'q_proj' is not allowed; choose from wq, wk, wv, wo, w1, w2, w3, output"),
+    # Out of range: each was accepted before (inf trained to NaN and exited 0; the seed overflowed in torch).
+    ("[optimizer]\nlr = inf\n", "optimizer.lr = inf is not allowed; it must be a finite number"),
+    ("[training]\nmax_norm = nan\n", "training.max_norm = nan is not allowed; it must be a finite number"),
+    ("[job]\nseed = 36893488147419103232\n", "job.seed = 36893488147419103232 is too large; it must be < 2**63"),
+    ("[training]\nsteps = 9223372036854775808\n", "training.steps = 9223372036854775808 is too large"),
+    ("[optimizer]\nbeta1 = 1.5\n", "optimizer.beta1 = 1.5 is too large; it must be < 1.0"),
+    ("[optimizer]\nbeta2 = -0.5\n", "optimizer.beta2 = -0.5 is not allowed; it must be -1 (the optimizer's default)"),
+    ("[peft]\ndropout = 1.0\n", "peft.dropout = 1.0 is too large; it must be < 1.0"),
+    ("[optimizer]\nname = 'adalomo'\ndecay_rate = 0.5\n", "optimizer.decay_rate = 0.5 is too large; it must be < 0.0"),
 ])
 def test_errors_name_the_key(tmp_path, toml, message):
     with pytest.raises(ConfigError) as err:
         config.load(write(tmp_path, toml))
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_unreadable_config_files_are_one_line(tmp_path):
+    (tmp_path / "folder.toml").mkdir()
+    (tmp_path / "latin1.toml").write_bytes(b"[job]\n# caf\xe9\nseed = 1\n")
+    for name, message in (("folder.toml", "is a folder; give the .toml file in it"),
+                          ("latin1.toml", "is not UTF-8 text (invalid continuation byte at byte 11)")):
+        with pytest.raises(ConfigError, match=re.escape(f"config file {tmp_path / name} {message}")):
+            config.load(str(tmp_path / name))
 
 
 def test_effective_config_round_trips(tmp_path):

@@ -65,7 +65,7 @@ def load_chat_tokenizer(folder: str, template_file: str = ""):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # transformers raises many types for a malformed tokenizer folder
         raise DataError(f"tokenizer folder {folder} cannot be loaded by transformers ({err})") from None
     if template_file:
         if not Path(template_file).is_file():

@@ -6,6 +6,8 @@ local Hugging Face dataset (`data.hf_dataset`, with `data.hf_split` / `data.hf_v
 a separate validation source, the last `data.val_fraction` of the training items is held out.
 """
 
+import functools
+import hashlib
 import logging
 
 import torch
@@ -30,6 +32,16 @@ class SequenceDataset(Dataset):
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    @functools.cached_property
+    def fingerprint(self) -> int:
+        """A 63-bit digest of every row (tokens, labels, positions): resume checks that the data is
+        the data the checkpoint was trained on."""
+        digest = hashlib.blake2b(digest_size=8)
+        for tensor in (self.input_ids, self.labels, self.positions):
+            if tensor is not None:
+                digest.update(tensor.contiguous().numpy().tobytes())
+        return int.from_bytes(digest.digest(), "little") >> 1
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = {"input_ids": self.input_ids[index], "labels": self.labels[index]}

@@ -61,12 +61,20 @@ class ResumableLoader(StatefulDataLoader):
             yield from self
 
     def position(self) -> dict[str, torch.Tensor]:
-        """The epoch and the sequences of its global order consumed by all ranks together."""
+        """The epoch and the sequences of its global order consumed by all ranks together, and the
+        data's fingerprint."""
         per_batch = self.batch_size * self.sampler.num_replicas
         return {"epoch": torch.tensor(self.sampler.epoch),
-                "sequences": torch.tensor(loader_batches_yielded(self.state_dict()) * per_batch)}
+                "sequences": torch.tensor(loader_batches_yielded(self.state_dict()) * per_batch),
+                "fingerprint": torch.tensor(self.dataset.fingerprint)}
 
     def restore(self, position: dict[str, torch.Tensor]) -> None:
+        """Continue where `position` stood; the data must be what it was (checkpoints from before the
+        fingerprint have none, and are taken on trust)."""
+        if "fingerprint" in position and int(position["fingerprint"]) != self.dataset.fingerprint:
+            raise DataError(f"the training data differs from the data the checkpoint was trained on (now "
+                            f"{len(self.dataset):,} sequences); a resume needs the same files, tokenizer and "
+                            f"seq_len: restore them, or start a new run in another job.dump_folder")
         self.seek(int(position["epoch"]), int(position["sequences"]) // (self.batch_size * self.sampler.num_replicas))
 
 

@@ -51,6 +51,8 @@ def jsonl_records(path: str):
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 record = Unreadable(f"not valid JSON ({err.msg} at column {err.colno})")
+            except ValueError as err:  # an integer longer than Python reads (sys.get_int_max_str_digits)
+                record = Unreadable(f"not readable ({str(err).split(':')[0]})")
             except RecursionError:
                 record = Unreadable("nested too deeply to read")
             yield f"{path} line {number}", record

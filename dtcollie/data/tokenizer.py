@@ -110,9 +110,12 @@ def load_tokenizer(folder: str) -> Tokenizer:
     config = {}
     if (path / "tokenizer_config.json").is_file():
         try:
-            config = json.loads((path / "tokenizer_config.json").read_text())
-        except json.JSONDecodeError as err:
+            config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as err:  # ValueError: bad JSON or UTF-8
             raise DataError(f"{path / 'tokenizer_config.json'} is not valid JSON ({err}); fix or delete it") from None
+        if not isinstance(config, dict):
+            raise DataError(f"{path / 'tokenizer_config.json'} must hold a JSON object, not a "
+                            f"{type(config).__name__}; fix or delete it")
     eos = _special_token(config, "eos_token") or EOS_TOKEN
     pad = _special_token(config, "pad_token")
     if not config and backend.token_to_id(PAD_TOKEN) is not None:  # no config: our own token names

@@ -9,17 +9,18 @@ Tied models (`tie_word_embeddings`) store only the embedding on both sides: HF h
 stored in unless a cast is asked for, so HF -> DCP -> HF is bit-exact.
 """
 
+import contextlib
 import dataclasses
 import json
 import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from dtcollie.dcp_weights import (check_shapes, load_weights_as_stored, model_state_dict, prepare_output_folder,
-                                  save_model_weights)
+from dtcollie.dcp_weights import (MANIFEST_FILE, check_shapes, load_weights_as_stored, model_state_dict, one_line,
+                                  prepare_output_folder, save_model_weights)
 from dtcollie.errors import CheckpointError, ConfigError
 from dtcollie.models.hf_files import (GENERATION_CONFIG, TOKENIZER_FILES, copy_generation_config,
                                       copy_tokenizer_files, export_tokenizer, write_side_files)
@@ -33,7 +34,7 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 # What `save_hf` writes, so a forced overwrite can clear a previous export first: a stale
 # `model.safetensors` next to a new index would be picked up by transformers instead of the shards.
 HF_OUTPUT_PATTERNS = (CONFIG_FILE, "model*.safetensors", INDEX_FILE, GENERATION_CONFIG, *TOKENIZER_FILES)
-DCP_OUTPUT_PATTERNS = (".metadata", "*.distcp", MODEL_ARGS_FILE, GENERATION_CONFIG, *TOKENIZER_FILES)
+DCP_OUTPUT_PATTERNS = (".metadata", "*.distcp", MANIFEST_FILE, MODEL_ARGS_FILE, GENERATION_CONFIG, *TOKENIZER_FILES)
 
 # model_type: (transformers config class, causal-LM architecture), one per dtcollie family.
 HF_FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
@@ -76,22 +77,36 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     missing = [key for key in HF_SHAPE_KEYS if cfg.get(key) is None]
     if missing:
         raise ConfigError(f"HF config has no {missing[0]!r}; it is needed to build the model")
-    dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-    n_kv_heads = int(cfg.get("num_key_value_heads") or n_heads)
-    if n_heads % n_kv_heads:
+    not_int = [key for key in (*HF_SHAPE_KEYS, "num_key_value_heads", "head_dim", "max_position_embeddings",
+                               "sliding_window") if cfg.get(key) is not None and type(cfg[key]) is not int]
+    if not_int:
+        raise ConfigError(f"HF config {not_int[0]} must be an integer, got {cfg[not_int[0]]!r}")
+    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    n_kv_heads = cfg.get("num_key_value_heads") or n_heads
+    if n_kv_heads > 0 and n_heads % n_kv_heads:
         raise ConfigError(f"HF config num_attention_heads={n_heads} is not a multiple of "
                           f"num_key_value_heads={n_kv_heads}")
-    head_dim = int(cfg.get("head_dim") or 0)
-    max_seq_len = int(cfg["max_position_embeddings"])
+    head_dim = cfg.get("head_dim") or 0
+    max_seq_len = cfg["max_position_embeddings"]
     rope_theta, rope_scaling = _rope_from_hf(cfg, max_seq_len)
-    return ModelArgs(
-        dim=dim, n_layers=int(cfg["num_hidden_layers"]), n_heads=n_heads, n_kv_heads=n_kv_heads,
-        head_dim=0 if head_dim == dim // n_heads else head_dim,  # 0 means "derived", as in FLAVORS
-        vocab_size=int(cfg["vocab_size"]), hidden_dim=int(cfg["intermediate_size"]),
-        norm_eps=float(cfg["rms_norm_eps"]), rope_theta=rope_theta, rope_scaling=rope_scaling,
-        max_seq_len=max_seq_len, tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
-        sliding_window=int(cfg.get("sliding_window") or 0) if family == "mistral" else 0, family=family)
+    try:
+        return ModelArgs(
+            dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
+            head_dim=0 if head_dim * n_heads == dim else head_dim,  # 0 means "derived", as in FLAVORS
+            vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"],
+            norm_eps=_hf_number(cfg["rms_norm_eps"], "rms_norm_eps"), rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_seq_len=max_seq_len, tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
+            sliding_window=(cfg.get("sliding_window") or 0) if family == "mistral" else 0, family=family)
+    except ConfigError as err:
+        raise ConfigError(f"HF config describes no possible model: {err}") from None
+
+
+def _hf_number(value, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"HF config {key} must be a number, got {value!r}")
+    return float(value)
 
 
 def _check_hf_supported(cfg: dict) -> None:
@@ -123,7 +138,7 @@ def _rope_from_hf(cfg: dict, max_seq_len: int) -> tuple[float, dict]:
     rope = cfg.get(key) or {}
     if not isinstance(rope, dict) or any(isinstance(value, dict) for value in rope.values()):
         raise ConfigError(f"HF config {key} must be one flat dict; per-layer RoPE is not supported")
-    theta = float(rope.get("rope_theta", cfg.get("rope_theta", HF_DEFAULT_ROPE_THETA)))
+    theta = _hf_number(rope.get("rope_theta", cfg.get("rope_theta", HF_DEFAULT_ROPE_THETA)), "rope_theta")
     partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
     if partial not in (None, 1, 1.0):
         raise ConfigError(f"HF config partial_rotary_factor={partial} is not supported; only full RoPE is")
@@ -135,10 +150,10 @@ def _rope_from_hf(cfg: dict, max_seq_len: int) -> tuple[float, dict]:
     absent = [name for name in LLAMA3_KEYS if rope.get(name) is None]
     if absent:
         raise ConfigError(f"HF config {key} has rope_type 'llama3' but no {absent[0]!r}")
-    scaling = {name: float(rope[name]) for name in LLAMA3_KEYS}
+    scaling = {name: _hf_number(rope[name], f"{key}.{name}") for name in LLAMA3_KEYS}
     old_context = (cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
                    or max_seq_len)
-    scaling["original_max_position_embeddings"] = int(old_context)
+    scaling["original_max_position_embeddings"] = int(_hf_number(old_context, "original_max_position_embeddings"))
     return theta, scaling
 
 
@@ -191,7 +206,10 @@ def _args_from_dict(data: dict, path: Path) -> ModelArgs:
         fits = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
         if not (fits or (expected is float and isinstance(value, int) and not isinstance(value, bool))):
             raise ConfigError(f"model args file {path}: {key} must be {expected.__name__}, got {value!r}")
-    return ModelArgs(**data)
+    try:
+        return ModelArgs(**data)
+    except ConfigError as err:
+        raise ConfigError(f"model args file {path} describes no possible model: {err}") from None
 
 
 def save_model_args(args: ModelArgs, path: str | Path) -> None:
@@ -295,9 +313,13 @@ def hf_weight_files(folder: str | Path) -> list[Path]:
     if not (folder / INDEX_FILE).is_file():
         raise CheckpointError(f"HF checkpoint folder {folder} has neither {SINGLE_FILE} nor {INDEX_FILE}")
     try:
-        weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        weight_map = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError) as err:  # ValueError: bad JSON or UTF-8
         raise CheckpointError(f"{folder / INDEX_FILE} is not a valid safetensors index: {err}") from None
+    if not (isinstance(weight_map, dict) and all(isinstance(name, str) and Path(name).name == name
+                                                 for name in weight_map.values())):
+        raise CheckpointError(f"{folder / INDEX_FILE} is not a valid safetensors index: its weight_map must map "
+                              f"tensor names to file names in the folder")
     files = [folder / name for name in sorted(set(weight_map.values()))]
     absent = [f.name for f in files if not f.is_file()]
     if absent:
@@ -309,10 +331,21 @@ def read_hf_shapes(files: list[Path]) -> dict[str, tuple]:
     """dtcollie name -> shape for every tensor in the files, reading only the safetensors headers."""
     shapes = {}
     for path in files:
-        with safe_open(path, framework="pt") as handle:
+        with unreadable_as_error(path), safe_open(path, framework="pt") as handle:
             for name in handle.keys():
                 shapes[name] = tuple(handle.get_slice(name).get_shape())
     return from_hf_state_dict(shapes)
+
+
+@contextlib.contextmanager
+def unreadable_as_error(path: Path):
+    """A truncated or garbled safetensors file (safetensors raises its own error type, or an OSError
+    for a short read) as a CheckpointError naming it."""
+    try:
+        yield
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({one_line(err)}); download or export "
+                              f"it again") from None
 
 
 def check_hf_folder(folder: str | Path) -> tuple[ModelArgs, list[Path]]:
@@ -328,7 +361,8 @@ def load_hf_state_dict(folder: str | Path) -> tuple[ModelArgs, dict[str, torch.T
     args, files = check_hf_folder(folder)
     state_dict = {}
     for path in files:
-        state_dict.update(from_hf_state_dict(load_file(path)))
+        with unreadable_as_error(path):
+            state_dict.update(from_hf_state_dict(load_file(path)))
     return args, state_dict
 
 
@@ -346,7 +380,9 @@ def from_hf(folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu"
     params = model_state_dict(model)
     with torch.no_grad():
         for path in files:
-            for name, tensor in from_hf_state_dict(load_file(path)).items():
+            with unreadable_as_error(path):
+                shard = from_hf_state_dict(load_file(path))
+            for name, tensor in shard.items():
                 params[name].copy_(tensor)
     return model
 

@@ -55,12 +55,61 @@ class ModelArgs:
     family: str = "llama"  # the HF architecture the weights convert to: see FAMILIES
     attention: str = "sdpa"  # "sdpa" or "flash"
 
+    def __post_init__(self):
+        check_model_args(self)
+
     @property
     def attention_head_dim(self) -> int:
         return self.head_dim or self.dim // self.n_heads
 
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+SHAPE_LIMIT = 2**24  # no real model has a size this large; past it, allocation fails far from the cause
+
+
+def check_model_args(args: ModelArgs) -> None:
+    """Refuse a shape no model can have (wherever it comes from: a flavor, model_args.json, an HF
+    config.json), so that it fails here by name rather than as a division by zero or an
+    allocation failure far away. The callers add which file it came from."""
+    sizes = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+             "hidden_dim": args.hidden_dim, "max_seq_len": args.max_seq_len}
+    optional = {"head_dim": args.head_dim, "vocab_size": args.vocab_size, "sliding_window": args.sliding_window}
+    for name, value in {**sizes, **optional}.items():
+        lowest = 0 if name in optional else 1
+        if type(value) is not int or not lowest <= value < SHAPE_LIMIT:
+            raise ConfigError(f"{name} = {value!r} is not a size a model can have (an integer in "
+                              f"[{lowest}, {SHAPE_LIMIT}))")
+    if args.n_heads % args.n_kv_heads:
+        raise ConfigError(f"n_heads = {args.n_heads} is not a multiple of n_kv_heads = {args.n_kv_heads}")
+    if not args.head_dim and args.dim % args.n_heads:
+        raise ConfigError(f"dim = {args.dim} is not a multiple of n_heads = {args.n_heads} (and head_dim is unset)")
+    if args.attention_head_dim % 2:
+        raise ConfigError(f"the head dimension {args.attention_head_dim} is odd; RoPE rotates pairs, so it must be even")
+    for name in ("norm_eps", "rope_theta"):
+        value = getattr(args, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name} = {value} must be a positive finite number")
+    check_rope_scaling(args.rope_scaling)
+    if args.family not in FAMILIES or args.attention not in ("sdpa", "flash"):
+        raise ConfigError(f"family = {args.family!r} / attention = {args.attention!r}: choose a family from "
+                          f"{', '.join(FAMILIES)} and sdpa or flash")
+
+
+def check_rope_scaling(scaling: dict) -> None:
+    """Llama 3.1 scaling needs all four numbers, positive, with high_freq_factor > low_freq_factor."""
+    if not scaling:
+        return
+    if sorted(scaling) != sorted(ROPE_SCALING_KEYS):
+        raise ConfigError(f"rope_scaling has keys {sorted(scaling)}; Llama 3.1 scaling needs exactly "
+                          f"{', '.join(ROPE_SCALING_KEYS)}")
+    bad = [key for key, value in scaling.items() if isinstance(value, bool) or not isinstance(value, (int, float))
+           or not (math.isfinite(value) and value > 0)]
+    if bad:
+        raise ConfigError(f"rope_scaling {bad[0]} = {scaling[bad[0]]!r} must be a positive finite number")
+    if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ConfigError(f"rope_scaling high_freq_factor = {scaling['high_freq_factor']} must exceed "
+                          f"low_freq_factor = {scaling['low_freq_factor']}")
 LLAMA3_ROPE_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                        "original_max_position_embeddings": 8192}
 LLAMA3_2_ROPE_SCALING = {**LLAMA3_ROPE_SCALING, "factor": 32.0}

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dtcollie.dcp_weights import load_model_weights, model_state_dict, read_checkpoint_metadata, save_model_weights
+from dtcollie.dcp_weights import (MANIFEST_FILE, load_model_weights, model_state_dict, read_checkpoint_metadata,
+                                  save_model_weights)
 from dtcollie.errors import CheckpointError, ConfigError
 from dtcollie.models.hf import (args_from_hf_config, convert_dcp_to_hf, convert_hf_to_dcp, from_hf,
                                 hf_config_from_args, load_model_args, parse_size, save_model_args)
@@ -334,6 +335,7 @@ def test_metadata_is_not_unpickled_blindly(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     save_model_weights(tiny_model(), tmp_path / "ckpt")
     (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(_RunsCode()))
+    (tmp_path / "ckpt" / MANIFEST_FILE).unlink()  # a crafted folder comes without a files.json
     with pytest.raises(CheckpointError, match="posix.system|os.system"):
         load_model_weights(tiny_model(), tmp_path / "ckpt")
     assert not (tmp_path / "pwned").exists()

@@ -1,0 +1,184 @@
+"""Hostile inputs for the fuzz tests, and the property they all check.
+
+The project's rule is that whatever a user hands a reader (a config, a data file, a tokenizer
+folder, a checkpoint) either works or raises the project's own `UserError` with a one-line
+message. `reader_outcome` checks exactly that for one call; the strategies here make the inputs:
+byte edits of a valid file (so most of it still parses and the damage reaches deep code), JSON and
+TOML values of every type, and texts that the json/tomllib modules themselves choke on (nesting
+past the recursion limit, integers past Python's 4300-digit limit).
+
+Every fuzz test runs with `fixed_budget(n)`: derandomized, no example database, so CI runs the
+same n examples every time and a failure reproduces exactly.
+"""
+
+import json
+import re
+
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+
+
+def fixed_budget(max_examples: int) -> settings:
+    """n examples chosen by a fixed seed; no deadline (file I/O on a shared machine varies)."""
+    return settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.large_base_example])
+
+
+def reader_outcome(call, *allowed: type[Exception]):
+    """`call()`'s result, or the `allowed` error it raised, whose message must be one non-empty line.
+    Any other exception propagates: that is the failure the fuzz tests look for."""
+    try:
+        result = call()
+    except allowed as err:
+        message = str(err)
+        assert message.strip(), f"{type(err).__name__} with an empty message"
+        assert "\n" not in message and "\r" not in message, (
+            f"{type(err).__name__} message is not one line: {message!r}")
+        event(f"raised {type(err).__name__}")  # --hypothesis-show-statistics: how often each outcome came
+        return err
+    event("returned a result")
+    return result
+
+
+# --- bytes --------------------------------------------------------------------------------------
+
+EDITS = ("flip", "delete", "insert", "truncate")
+
+
+@st.composite
+def mutated(draw, data: bytes, edits: tuple[str, ...] = EDITS, max_edits: int = 4) -> bytes:
+    """`data` after 1..max_edits edits, each one of `edits`: flip bits of a byte, delete a short
+    range, insert random bytes, or cut the tail off. ("flip" alone keeps the size, which is what
+    gets a file past a size check such as files.json.)"""
+    out = bytearray(data)
+    for _ in range(draw(st.integers(1, max_edits))):
+        edit = draw(st.sampled_from(edits))
+        at = draw(st.integers(0, max(len(out) - 1, 0)))
+        if edit == "flip" and out:
+            out[at] ^= draw(st.integers(1, 255))
+        elif edit == "delete":
+            del out[at:at + draw(st.integers(1, 16))]
+        elif edit == "insert":
+            out[at:at] = draw(st.binary(min_size=1, max_size=16))
+        elif edit == "truncate":
+            del out[at:]
+    return bytes(out)
+
+
+def any_bytes(max_size: int = 512):
+    """Random bytes, or random text as UTF-8 (which gets further into text parsers)."""
+    return st.one_of(st.binary(max_size=max_size), st.text(max_size=max_size).map(str.encode))
+
+
+# --- JSON ---------------------------------------------------------------------------------------
+
+# Texts that trip code expecting ordinary strings: line breaks (one-line messages), NUL, lone
+# surrogates (valid as JSON escapes, not encodable as UTF-8), and the tokenizer's own special tokens.
+HOSTILE_TEXTS = ("", " ", "\n", "a\nb", "\r", "\x00", "\ud800", "x\udfffy", "\u2028", "\x1b[31m",
+                 "<|endoftext|>", "<|pad|>", "../x", "model.layers.0.self_attn.q_proj.weight")
+# Numbers at the edges: past int64, past float (an int too large to convert), and the non-finite floats.
+EDGE_NUMBERS = (0, -1, 1, 2**31, 2**63, -2**63 - 1, 2**64, 2**1024, 10**400, -(10**400), float("inf"),
+                float("-inf"), float("nan"), 1e308, 5e-324, -0.0, 0.5)
+# JSON texts json.dumps never writes and json.loads cannot read into a value.
+# (10000 levels is past Python's recursion limit, 1000, or 2048 under hypothesis, and past the Rust
+# JSON readers' 128.)
+RAW_JSON = ("[" * 10_000, '{"a":' * 10_000 + "1" + "}" * 10_000, "1" * 5000, "-" + "9" * 5000, "1e999999")
+
+
+# Characters st.text() leaves out or rarely draws: surrogates, controls, line and paragraph separators.
+ODD_CHARACTERS = st.characters(codec=None, categories=["Cs", "Cc", "Zl", "Zp", "Co"])
+
+
+def texts(max_size: int = 12):
+    """Any text: ordinary, one of HOSTILE_TEXTS, or mixed with ODD_CHARACTERS. A text may hold a lone
+    surrogate, so write one to a file through json.dumps or with "surrogatepass"."""
+    return st.one_of(st.text(max_size=max_size), st.sampled_from(HOSTILE_TEXTS),
+                     st.text(st.one_of(st.characters(), ODD_CHARACTERS), max_size=max_size))
+
+
+def numbers():
+    return st.one_of(st.integers(), st.floats(), st.sampled_from(EDGE_NUMBERS))
+
+
+def json_values(max_leaves: int = 8):
+    """Any JSON value (NaN and Infinity included: Python's json reads them)."""
+    scalars = st.one_of(st.none(), st.booleans(), numbers(), texts())
+    return st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                         st.dictionaries(texts(), inner, max_size=4)),
+                        max_leaves=max_leaves)
+
+
+def json_texts(values=None):
+    """JSON text: a dumped value (non-ASCII escaped, so a lone surrogate is a \\ud800 escape) or one
+    of RAW_JSON."""
+    return st.one_of((values or json_values()).map(json.dumps), st.sampled_from(RAW_JSON))
+
+
+def json_object_text(fields: dict[str, str]) -> str:
+    """A JSON object from names to already-encoded JSON texts (which may be RAW_JSON)."""
+    return "{" + ", ".join(f"{json.dumps(name)}: {text}" for name, text in fields.items()) + "}"
+
+
+@st.composite
+def json_mutated(draw, document, values=None, max_edits: int = 3):
+    """`document` (a parsed JSON value) with 1..max_edits nodes replaced by random values or
+    deleted, each found by a random walk from the root: the file stays valid JSON, so the damage
+    reaches the code that reads its structure."""
+    values = values or json_values(max_leaves=4)
+    document = json.loads(json.dumps(document))  # a deep copy
+    for _ in range(draw(st.integers(1, max_edits))):
+        parent, key, node = None, None, document
+        while isinstance(node, (dict, list)) and node and draw(st.integers(0, 3)):  # stop at each level 1 in 4
+            keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+            parent, key = node, draw(st.sampled_from(keys))
+            node = node[key]
+        if parent is None:
+            return draw(values)  # the root itself: a value of the wrong type
+        if draw(st.integers(0, 3)) == 0:
+            del parent[key]
+        else:
+            parent[key] = draw(values)
+    return document
+
+
+# --- TOML ---------------------------------------------------------------------------------------
+
+BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+# TOML literals at the edges: past int64, past Python's digit limit, past float, non-finite, odd bases,
+# dates (a type no field has), and nesting past tomllib's recursion limit.
+EDGE_TOML = ("9223372036854775808", "-9223372036854775809", "1" + "0" * 400, "9" * 5000, "0x7fffffffffffffffff",
+             "0o777", "0b101", "1_000", "inf", "-inf", "nan", "1e400", "-0.0", "1979-05-27", "07:32:00",
+             "1979-05-27T07:32:00Z", "[" * 5000 + "]" * 5000, "{a = " * 3000 + "1" + "}" * 3000, '""', "''", "[]", "{}")
+
+
+def toml_key(name: str) -> str:
+    """`name` as a TOML key: bare when it can be, else a basic string (JSON escapes are TOML's,
+    except a lone surrogate's, which makes the file invalid TOML: a case worth having too)."""
+    return name if BARE_KEY.fullmatch(name) else json.dumps(name)
+
+
+def toml_values():
+    """TOML value text: scalars of every type, edge literals, arrays and inline tables."""
+    scalars = st.one_of(st.integers().map(str), st.floats().map(repr), st.sampled_from(("true", "false")),
+                        texts().map(json.dumps), st.sampled_from(EDGE_TOML))
+    return st.recursive(scalars, lambda inner: st.one_of(
+        st.lists(inner, max_size=3).map(lambda items: "[" + ", ".join(items) + "]"),
+        st.dictionaries(texts(max_size=5), inner, max_size=3).map(
+            lambda table: "{" + ", ".join(f"{toml_key(k)} = {v}" for k, v in table.items()) + "}")),
+        max_leaves=6)
+
+
+def toml_literal(value) -> str:
+    """A plain Python value from a config file (str, bool, int, float, list) as TOML text."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def toml_document(tables: dict[str, dict[str, str]]) -> str:
+    """TOML text of {section: {key: value text}}."""
+    return "".join(f"[{toml_key(section)}]\n" + "".join(f"{toml_key(k)} = {v}\n" for k, v in keys.items()) + "\n"
+                   for section, keys in tables.items())
