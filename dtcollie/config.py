@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from dtcollie.errors import ConfigError
+from dtcollie.errors import ConfigError, shown
 from dtcollie.optim.registry import OPTIMIZERS
 from dtcollie.precision import BF16_COMPUTE
 
@@ -281,14 +281,18 @@ def _coerce(key: str, value: Any, kind: type):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        try:
+            value = float(value) if ok else value
+        except OverflowError:  # an integer past float's range
+            raise ConfigError(f"{key} = an integer of {value.bit_length()} bits is not allowed; it must be a finite "
+                              f"number") from None
     elif kind is list:
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     else:
         ok = isinstance(value, kind)
     if not ok:
         expected = "a list of strings" if kind is list else kind.__name__
-        raise ConfigError(f"{key} must be {expected}, got {value!r}")
+        raise ConfigError(f"{key} must be {expected}, got {shown(value)}")
     return value
 
 
@@ -300,7 +304,7 @@ def _parse_cli_value(text: str, kind: type):
         return [part for part in text.split(",") if part]
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError):  # not a TOML literal (or one too deep or long to read): a string
         return text
 
 
@@ -358,16 +362,16 @@ def _check_values(config: JobConfig) -> None:
             if choices and unknown:
                 raise ConfigError(f"{key} item {unknown[0]!r} is not allowed; choose from {', '.join(choices)}")
             if choices and not isinstance(value, list) and value not in choices:
-                raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {', '.join(choices)}")
+                raise ConfigError(f"{key} = {shown(value)} is not allowed; choose one of {', '.join(choices)}")
             is_int = isinstance(value, int) and not isinstance(value, bool)
             below = INT_LIMIT if is_int and f.metadata["below"] is None else f.metadata["below"]
             if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{key} = {value!r} is not allowed; it must be a finite number")
+                raise ConfigError(f"{key} = {shown(value)} is not allowed; it must be a finite number")
             if minimum is not None and value < minimum:
-                raise ConfigError(f"{key} = {value!r} is too small; it must be >= {minimum}")
+                raise ConfigError(f"{key} = {shown(value)} is too small; it must be >= {minimum}")
             if below is not None and value >= below:
                 bound = "2**63" if below == INT_LIMIT else below
-                raise ConfigError(f"{key} = {value!r} is too large; it must be < {bound}")
+                raise ConfigError(f"{key} = {shown(value)} is too large; it must be < {bound}")
     for index, beta in enumerate(config.optimizer.betas()):
         if beta < 0.0:
             raise ConfigError(f"optimizer.beta{index + 1} = {beta!r} is not allowed; it must be -1 (the optimizer's "
@@ -432,6 +436,9 @@ def load(path: str | None = None, overrides: list[tuple[str, str]] = ()) -> JobC
             raise ConfigError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        except (ValueError, RecursionError) as err:  # an integer past 4300 digits, nesting past the stack
+            raise ConfigError(f"config file {path} cannot be read: {str(err).split(':')[0] or 'nested too deeply'}"
+                              ) from None
         for section_name, table in data.items():
             if not isinstance(table, dict):
                 raise ConfigError(f"top-level key {section_name} in {path} must be a [section]")

@@ -17,6 +17,7 @@ data are not detectable without checksums, which would cost a full read of every
 
 import contextlib
 import json
+import math
 import pickle
 import warnings
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dtcollie.errors import CheckpointError
@@ -35,6 +36,7 @@ from dtcollie.errors import CheckpointError
 METADATA_FILE = ".metadata"
 MANIFEST_FILE = "files.json"  # each DCP file of the folder and its size in bytes, written when it is complete
 MAX_LISTED = 5  # mismatched keys named in one error message
+MAX_ELEMENTS = 2**48  # no real tensor is larger; a size past it is corruption, refused before allocating
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
 SAFE_METADATA_GLOBALS = {
@@ -148,9 +150,26 @@ def read_checkpoint_metadata(folder: str | Path) -> Metadata:
         metadata = SafeFileSystemReader(folder).read_metadata()
     except Exception as err:  # corrupt bytes can make the unpickler raise anything
         raise CheckpointError(f"checkpoint {folder / METADATA_FILE} is unreadable: {one_line(err)}") from None
-    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+    entries = getattr(metadata, "state_dict_metadata", None)
+    if not isinstance(metadata, Metadata) or not isinstance(entries, dict):
         raise CheckpointError(f"checkpoint {folder / METADATA_FILE} does not hold DCP metadata")
+    malformed = [key for key, entry in entries.items() if not well_formed(entry)]
+    if malformed:
+        raise CheckpointError(f"checkpoint {folder / METADATA_FILE} describes entries no tensor can have: "
+                              f"{first_names([repr(key) for key in malformed])}")
     return metadata
+
+
+def well_formed(entry) -> bool:
+    """A byte entry, or a tensor entry with a dtype and a size of non-negative ints of at most
+    MAX_ELEMENTS elements in all (what readers allocate before DCP reads the data)."""
+    if isinstance(entry, BytesStorageMetadata):
+        return True
+    if not isinstance(entry, TensorStorageMetadata):
+        return False
+    size, dtype = getattr(entry, "size", None), getattr(getattr(entry, "properties", None), "dtype", None)
+    return (isinstance(size, torch.Size) and all(type(n) is int and n >= 0 for n in size)
+            and math.prod(size) <= MAX_ELEMENTS and isinstance(dtype, torch.dtype))
 
 
 def write_manifest(folder: str | Path) -> None:

@@ -20,6 +20,12 @@ OS_ERROR_FIXES = {
 }
 
 
+def shown(value) -> str:
+    """A value for a message: its repr, shortened when long (a 4000-digit integer, a huge list)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
+
 def describe_os_error(err: OSError) -> str:
     """`<path>: <what went wrong>; <the fix>` for an OSError, on one line."""
     where = f"{err.filename}: " if err.filename else ""
@@ -28,7 +34,12 @@ def describe_os_error(err: OSError) -> str:
 
 
 class UserError(Exception):
-    """A mistake in the user's input, reported as one line and exit code 2."""
+    """A mistake in the user's input, reported as one line and exit code 2. A line break inside the
+    message (a file name, a key or a library's own message can hold one) is shown escaped, so the
+    line stays one."""
+
+    def __str__(self) -> str:
+        return super().__str__().replace("\r", "\\r").replace("\n", "\\n")
 
 
 class ConfigError(UserError):

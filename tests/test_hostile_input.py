@@ -2,12 +2,14 @@
 
 import errno
 import os
+import subprocess
 
 import pytest
 
 from dtcollie import config
 from dtcollie.errors import DataError, UserError, environment_errors_as_user_errors
-from dtcollie.train import Trainer
+from dtcollie.cli import run_main
+from dtcollie.train import Trainer, main
 
 FAST = [("training.seq_len", "32"), ("training.eval_interval", "0"), ("metrics.enable_tensorboard", "false"),
         ("checkpoint.save_weights", "false")]
@@ -54,6 +56,26 @@ def test_environment_faults_become_one_line(fault, message):
     with pytest.raises(UserError) as err, environment_errors_as_user_errors():
         raise fault
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_a_read_only_dump_folder_is_one_line_and_exit_2(tmp_path, capsys):
+    """A real read-only filesystem (root ignores permission bits, so chmod would not do): before,
+    the first write of the run folder ended in a PermissionError/OSError traceback."""
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a read-only tmpfs needs root; test_environment_faults_become_one_line covers the "
+                    "message of a simulated EROFS/EACCES")
+    try:
+        with pytest.raises(SystemExit) as exit_code:
+            run_main(main, ["--config", "train_configs/debug.toml", "--training.steps", "1",
+                            "--job.dump_folder", str(read_only / "out")])
+    finally:
+        subprocess.run(["umount", "--lazy", str(read_only)], check=True)
+    assert exit_code.value.code == 2
+    assert capsys.readouterr().err == (f"error: {read_only / 'out'}: Read-only file system; the filesystem is "
+                                       f"read-only; choose another folder\n")
 
 
 def test_other_runtime_errors_stay_bugs():

@@ -46,7 +46,7 @@ def conversation_problem(record) -> tuple[list[dict] | None, str | None]:
     for number, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict) or not isinstance(turn.get(content_key), str):
             return None, f"turn {number} must be an object with a string {content_key!r}"
-        if turn.get(role_key) not in roles:
+        if not isinstance(turn.get(role_key), str) or turn[role_key] not in roles:
             return None, f"turn {number} has unknown role {turn.get(role_key)!r}; use one of {', '.join(roles)}"
         messages.append({"role": roles[turn[role_key]], "content": turn[content_key]})
     if not any(m["role"] == "assistant" for m in messages):

@@ -49,6 +49,10 @@ def jsonl_records(path: str):
                 continue
             try:
                 record = json.loads(line)
+                if "\\ud" in line.lower():  # \uXXXX escapes of UTF-16 halves: text only as a pair
+                    json.dumps(record, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                record = Unreadable("holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text")
             except json.JSONDecodeError as err:
                 record = Unreadable(f"not valid JSON ({err.msg} at column {err.colno})")
             except ValueError as err:  # an integer longer than Python reads (sys.get_int_max_str_digits)

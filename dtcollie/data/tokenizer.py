@@ -111,7 +111,8 @@ def load_tokenizer(folder: str) -> Tokenizer:
     if (path / "tokenizer_config.json").is_file():
         try:
             config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
-        except (ValueError, RecursionError) as err:  # ValueError: bad JSON or UTF-8
+            json.dumps(config, ensure_ascii=False).encode("utf-8")  # a lone \ud800 escape is no text
+        except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, a lone surrogate
             raise DataError(f"{path / 'tokenizer_config.json'} is not valid JSON ({err}); fix or delete it") from None
         if not isinstance(config, dict):
             raise DataError(f"{path / 'tokenizer_config.json'} must hold a JSON object, not a "

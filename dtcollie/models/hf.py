@@ -21,10 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from dtcollie.dcp_weights import (MANIFEST_FILE, check_shapes, load_weights_as_stored, model_state_dict, one_line,
                                   prepare_output_folder, save_model_weights)
-from dtcollie.errors import CheckpointError, ConfigError
+from dtcollie.errors import CheckpointError, ConfigError, shown
 from dtcollie.models.hf_files import (GENERATION_CONFIG, TOKENIZER_FILES, copy_generation_config,
                                       copy_tokenizer_files, export_tokenizer, write_side_files)
-from dtcollie.models.llama import FAMILIES, ModelArgs, Transformer
+from dtcollie.models.llama import FAMILIES, ModelArgs, Transformer, is_finite_number
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -104,14 +104,14 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
 
 
 def _hf_number(value, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"HF config {key} must be a number, got {value!r}")
+    if not is_finite_number(value):
+        raise ConfigError(f"HF config {key} must be a finite number, got {shown(value)}")
     return float(value)
 
 
 def _check_hf_supported(cfg: dict) -> None:
     family = cfg.get("model_type")
-    if family not in HF_FAMILIES:
+    if not isinstance(family, str) or family not in HF_FAMILIES:
         raise ConfigError(f"HF config model_type={family!r} is not supported; supported: {', '.join(HF_FAMILIES)}")
     architectures = cfg.get("architectures") or [HF_FAMILIES[family][1]]
     if architectures != [HF_FAMILIES[family][1]]:
@@ -185,13 +185,18 @@ def load_model_args(path: str | Path) -> ModelArgs:
     if not path.is_file():
         raise ConfigError(f"model args file {path} does not exist")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"model args file {path} is not valid JSON: {err}") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, a 4300-digit integer, deep nesting
+        raise ConfigError(f"model args file {path} is not valid JSON: {err or 'nested too deeply'}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"model args file {path} must hold a JSON object")
     # An HF config always names its model_type; a dtcollie one never does.
-    return args_from_hf_config(data) if "model_type" in data else _args_from_dict(data, path)
+    if "model_type" not in data:
+        return _args_from_dict(data, path)
+    try:
+        return args_from_hf_config(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def _args_from_dict(data: dict, path: Path) -> ModelArgs:

@@ -30,7 +30,7 @@ except ImportError:
     flash_attn_func = flash_attn_varlen_func = None
 
 from dtcollie.precision import BF16_COMPUTE
-from dtcollie.errors import ConfigError
+from dtcollie.errors import ConfigError, shown
 
 
 @dataclass
@@ -68,6 +68,16 @@ ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_
 SHAPE_LIMIT = 2**24  # no real model has a size this large; past it, allocation fails far from the cause
 
 
+def is_finite_number(value) -> bool:
+    """An int or float that is finite as a float (a JSON integer may be too large for one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def check_model_args(args: ModelArgs) -> None:
     """Refuse a shape no model can have (wherever it comes from: a flavor, model_args.json, an HF
     config.json), so that it fails here by name rather than as a division by zero or an
@@ -78,7 +88,7 @@ def check_model_args(args: ModelArgs) -> None:
     for name, value in {**sizes, **optional}.items():
         lowest = 0 if name in optional else 1
         if type(value) is not int or not lowest <= value < SHAPE_LIMIT:
-            raise ConfigError(f"{name} = {value!r} is not a size a model can have (an integer in "
+            raise ConfigError(f"{name} = {shown(value)} is not a size a model can have (an integer in "
                               f"[{lowest}, {SHAPE_LIMIT}))")
     if args.n_heads % args.n_kv_heads:
         raise ConfigError(f"n_heads = {args.n_heads} is not a multiple of n_kv_heads = {args.n_kv_heads}")
@@ -88,8 +98,8 @@ def check_model_args(args: ModelArgs) -> None:
         raise ConfigError(f"the head dimension {args.attention_head_dim} is odd; RoPE rotates pairs, so it must be even")
     for name in ("norm_eps", "rope_theta"):
         value = getattr(args, name)
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ConfigError(f"{name} = {value} must be a positive finite number")
+        if not (is_finite_number(value) and value > 0):
+            raise ConfigError(f"{name} = {shown(value)} must be a positive finite number")
     check_rope_scaling(args.rope_scaling)
     if args.family not in FAMILIES or args.attention not in ("sdpa", "flash"):
         raise ConfigError(f"family = {args.family!r} / attention = {args.attention!r}: choose a family from "
@@ -103,10 +113,9 @@ def check_rope_scaling(scaling: dict) -> None:
     if sorted(scaling) != sorted(ROPE_SCALING_KEYS):
         raise ConfigError(f"rope_scaling has keys {sorted(scaling)}; Llama 3.1 scaling needs exactly "
                           f"{', '.join(ROPE_SCALING_KEYS)}")
-    bad = [key for key, value in scaling.items() if isinstance(value, bool) or not isinstance(value, (int, float))
-           or not (math.isfinite(value) and value > 0)]
+    bad = [key for key, value in scaling.items() if not (is_finite_number(value) and value > 0)]
     if bad:
-        raise ConfigError(f"rope_scaling {bad[0]} = {scaling[bad[0]]!r} must be a positive finite number")
+        raise ConfigError(f"rope_scaling {bad[0]} = {shown(scaling[bad[0]])} must be a positive finite number")
     if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
         raise ConfigError(f"rope_scaling high_freq_factor = {scaling['high_freq_factor']} must exceed "
                           f"low_freq_factor = {scaling['low_freq_factor']}")

@@ -2,6 +2,7 @@
 should be give a dataset (or tokenizer) or a one-line DataError (see fuzz_inputs.py for the inputs
 and the budget)."""
 
+import itertools
 import json
 import shutil
 import tempfile
@@ -19,8 +20,9 @@ from dtcollie.data.tokenizer import Tokenizer
 from dtcollie.errors import DataError
 from dtcollie.loss import IGNORE_INDEX
 
-from fuzz_inputs import (any_bytes, fixed_budget, json_mutated, json_object_text, json_texts, json_values, mutated,
-                         reader_outcome, texts)
+from fuzz_inputs import (EDGE_JSON_TEXTS, HOSTILE_TEXTS, ODD_JSON_VALUES, any_bytes, edge_failures, fixed_budget,
+                         json_members, json_mutated, json_object_text, json_texts, json_values, mutated, reader_outcome,
+                         shorten, texts)
 
 ASSETS = Path(__file__).resolve().parents[2] / "dtcollie" / "assets"
 SEQ_LEN = 32  # fits a shipped sft example or short chat; a few records make a pre-training row
@@ -134,27 +136,57 @@ def test_datasets_of_records_whose_strings_hold_any_text(tok, records, kind, pac
     read_dataset(tok, content, ".jsonl", kind, packing=packing)
 
 
-# Chat records: turns of any shape with contents of any text. tokenize_conversations is called with
-# a tokenizer loaded once (build_dataset would load transformers' tokenizer on every example).
-turns = st.one_of(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]) | texts(),
-                                         "content": texts(40)}), json_values(max_leaves=3))
-chat_records = st.one_of(st.lists(turns, max_size=4).map(lambda ts: {"messages": ts}), json_values(max_leaves=4))
+# Chat records: mostly well-formed conversations, so contents of any text (the template's own
+# markers too) reach the chat template and the tokenizer; some with a turn of any shape, some any
+# JSON at all. tokenize_conversations is called with a tokenizer loaded once (build_dataset would
+# load transformers' tokenizer on every example).
+contents = st.one_of(texts(40), st.sampled_from(["<|im_start|>", "<|im_end|>", "<|im_start|>assistant\n", "{{ x }}"]))
+turn = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": contents})
+odd_turn = st.one_of(st.fixed_dictionaries({"role": texts() | json_values(2), "content": contents}), json_values(3))
+# A turn before the last (an assistant's): a conversation of one assistant turn is refused before its text is read.
+conversations = st.tuples(st.lists(turn, min_size=1, max_size=3), st.lists(odd_turn, max_size=1), contents).map(
+    lambda parts: {"messages": [*parts[0], *parts[1], {"role": "assistant", "content": parts[2]}]})
+chat_records = st.one_of(conversations, conversations, json_values(4))
 
 
-@fixed_budget(60)
-@given(st.lists(chat_records, min_size=1, max_size=3), st.booleans(), st.booleans())
-def test_chat_records_of_any_shape(chat_tok, records, last_turn_only, skip):
-    content = "".join(json.dumps(record) + "\n" for record in records).encode() + CHAT_SEED
+def read_chat(chat_tok, content: bytes, last_turn_only: bool = False, skip_bad_lines: bool = False):
+    """The chat records of a .jsonl file holding `content`, tokenized: the rows (checked) or the DataError."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder, "chat.jsonl")
         path.write_bytes(content)
-        conversations = reader_outcome(lambda: conversations_of(jsonl_records(str(path)), skip), DataError)
-        if isinstance(conversations, DataError):
-            return
-        rows = reader_outcome(lambda: tokenize_conversations(chat_tok, conversations, SEQ_LEN, "train",
-                                                             last_turn_only, skip), DataError)
+        conversations = reader_outcome(lambda: conversations_of(jsonl_records(str(path)), skip_bad_lines), DataError)
+    if isinstance(conversations, DataError):
+        return conversations
+    rows = reader_outcome(lambda: tokenize_conversations(chat_tok, conversations, SEQ_LEN, "train", last_turn_only,
+                                                         skip_bad_lines), DataError)
     if not isinstance(rows, DataError):
         assert rows and all(len(tokens) == len(trained) <= SEQ_LEN + 1 for tokens, trained in rows)
+    return rows
+
+
+@fixed_budget(80)
+@given(st.lists(chat_records, min_size=1, max_size=3), st.booleans(), st.booleans())
+def test_chat_records_of_any_shape(chat_tok, records, last_turn_only, skip):
+    content = "".join(json.dumps(record) + "\n" for record in records).encode() + CHAT_SEED
+    read_chat(chat_tok, content, last_turn_only, skip)
+
+
+def test_edge_values_for_every_record_field(tok, chat_tok):
+    # The random records above seldom pair a field with the value that breaks it; this table pairs all.
+    good = json.loads(GOOD_LINES[0])
+    cases = []
+    for kind, field, value in itertools.product(["pretrain", "sft"], ["text", "input", "output"], EDGE_JSON_TEXTS):
+        content = json_object_text({**json_members(good), field: value}).encode() + b"\n" + b"".join(GOOD_LINES[1:4])
+        cases.append((f"{kind} {field}: {shorten(value)}", lambda c=content, k=kind: read_dataset(tok, c, ".jsonl", k),
+                      ()))
+    chat = json.loads(CHAT_SEED)["messages"]
+    for turn, key, value in itertools.product(range(len(chat)), ["role", "content"], EDGE_JSON_TEXTS):
+        turns = [json_object_text({**json_members(t), key: value}) if i == turn else json.dumps(t)
+                 for i, t in enumerate(chat)]
+        content = ('{"messages": [' + ", ".join(turns) + "]}\n").encode()
+        cases.append((f"chat turn {turn} {key}: {shorten(value)}", lambda c=content: read_chat(chat_tok, c), ()))
+    failures = edge_failures(cases)
+    assert not failures, "\n".join(failures)
 
 
 # --- tokenizer folders --------------------------------------------------------------------------
@@ -204,3 +236,32 @@ def test_tokenizer_folder_with_a_hostile_tokenizer_config(content):
 @given(tokenizer_json_files, st.none() | tokenizer_configs)
 def test_tokenizer_folder_with_both_files_hostile(tokenizer_json, tokenizer_config):
     load_tokenizer_folder(tokenizer_json, tokenizer_config)
+
+
+def test_edge_values_for_every_special_token():
+    # The random configs above seldom pair a token key with the value that breaks it; this table pairs all.
+    values = [*EDGE_JSON_TEXTS, *(json.dumps({"content": value}) for value in ODD_JSON_VALUES)]  # HF's {"content"} form
+    cases = []
+    for key, value in itertools.product(["eos_token", "pad_token", "bos_token"], values):
+        content = json_object_text({**json_members(TOKENIZER_CONFIG), key: value}).encode()
+        cases.append((f"{key}: {shorten(value)}", lambda c=content: load_tokenizer_folder(None, c), ()))
+    failures = edge_failures(cases)
+    assert not failures, "\n".join(failures)
+
+
+def test_edge_values_in_tokenizer_json():
+    # The Rust parser names what it refuses, quoting it: each edge value in each part of the file
+    # that names a type or version, and in the first added token.
+    paths = [("version",), ("model", "type"), ("pre_tokenizer", "type"), ("decoder", "type"), ("model", "unk_token"),
+             ("added_tokens", 0, "content")]
+    cases = []
+    for path, value in itertools.product(paths, (None, 1, [], {}, *HOSTILE_TEXTS)):
+        document = json.loads(json.dumps(TOKENIZER_JSON))
+        parent = document
+        for key in path[:-1]:
+            parent = parent[key]
+        parent[path[-1]] = value
+        label = f"tokenizer.json {'.'.join(map(str, path))}: {shorten(json.dumps(value))}"
+        cases.append((label, lambda c=dumped(document): load_tokenizer_folder(c, None), ()))
+    failures = edge_failures(cases)
+    assert not failures, "\n".join(failures)

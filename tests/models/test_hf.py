@@ -1,8 +1,10 @@
 """HF <-> dtcollie conversion, checked against transformers' own LlamaForCausalLM."""
 
+import dataclasses
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -196,6 +198,57 @@ def test_bad_hf_folders(tmp_path):
     (folder / "config.json").unlink()
     with pytest.raises(CheckpointError, match="config.json"):
         from_hf(folder)
+
+
+# Shapes no model can have, from a model_args.json and from an HF config.json. Before, each ended in
+# a ZeroDivisionError, a math domain error, a KeyError or a model built silently wrong.
+IMPOSSIBLE_SHAPES = [
+    ("model_args.json", {"n_heads": 0}, "n_heads = 0 is not a size a model can have"),
+    ("config.json", {"num_attention_heads": 0}, "n_heads = 0 is not a size a model can have"),
+    ("model_args.json", {"n_layers": -1}, "n_layers = -1 is not a size a model can have"),
+    ("config.json", {"num_hidden_layers": -1}, "n_layers = -1 is not a size a model can have"),
+    ("model_args.json", {"dim": 34}, "dim = 34 is not a multiple of n_heads = 4"),
+    ("config.json", {"hidden_size": 34, "head_dim": None}, "dim = 34 is not a multiple of n_heads = 4"),
+    ("model_args.json", {"n_kv_heads": 3}, "n_heads = 4 is not a multiple of n_kv_heads = 3"),
+    ("model_args.json", {"rope_scaling": {"factor": 8.0}},
+     "rope_scaling has keys ['factor']; Llama 3.1 scaling needs exactly factor, low_freq_factor"),
+    ("model_args.json", {"norm_eps": -1.0}, "norm_eps = -1.0 must be a positive finite number"),
+    ("config.json", {"rms_norm_eps": -1.0}, "norm_eps = -1.0 must be a positive finite number"),
+    ("model_args.json", {"rope_theta": 0.0}, "rope_theta = 0.0 must be a positive finite number"),
+    ("config.json", {"num_attention_heads": "4"}, "HF config num_attention_heads must be an integer, got '4'"),
+    ("config.json", {"hidden_size": 32.5}, "HF config hidden_size must be an integer, got 32.5"),
+]
+
+
+@pytest.mark.parametrize("name, patch, message", IMPOSSIBLE_SHAPES)
+def test_impossible_shapes_are_refused_from_either_file(tmp_path, name, patch, message):
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, hidden_dim=48)
+    content = dataclasses.asdict(args) if name == "model_args.json" else hf_config_from_args(args)
+    (tmp_path / name).write_text(json.dumps({**content, **patch}))
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        load_model_args(tmp_path / name)
+    assert str(tmp_path / name) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "bad header", "bad index"])
+def test_damaged_safetensors_are_one_line(tmp_path, damage):
+    folder = save_hf_model(tmp_path / "hf", tiny_config())
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncated":
+        weights.write_bytes(data[:len(data) // 2])
+    elif damage == "garbage":
+        weights.write_bytes(bytes(range(256)) * 20)
+    elif damage == "bad header":
+        weights.write_bytes(data[:8] + b"{" * (len(data) - 8))
+    else:
+        weights.rename(folder / "model-00001-of-00001.safetensors")
+        (folder / "model.safetensors.index.json").write_text('{"weight_map": ["model-00001-of-00001.safetensors"]}')
+    expected = ("is not a valid safetensors index" if damage == "bad index"
+                else "model.safetensors is not a readable safetensors file")
+    with pytest.raises(CheckpointError, match=expected) as err:
+        from_hf(folder)
+    assert "\n" not in str(err.value)
 
 
 def test_missing_shard_is_named(tmp_path):
