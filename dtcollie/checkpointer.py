@@ -22,9 +22,10 @@ checkpoint intact, and the next start removes the partial folder with a warning.
 (disk full, no permission) removes its partial folder and stops the run with one line; the older
 checkpoints are untouched. A resume takes the newest checkpoint whose files are complete (an
 older one, with a warning, when the newest is truncated or unreadable) and refuses one whose
-entries are not exactly this run's: another optimizer, LoRA setting or model shape. At the end of a run the trained model alone goes to `<dump_folder>/weights`
-(`checkpoint.save_weights`): the weights under their plain names, the format
-`checkpoint.initial_load_path`, the converters and `dtcollie.generate` take. Every checkpoint and
+entries are not exactly this run's: another optimizer, LoRA setting or model shape. At the end of
+a run the trained model alone goes to `<dump_folder>/weights` (`checkpoint.save_weights`): the
+weights under their plain names, the format `checkpoint.initial_load_path`, the converters and
+`dtcollie.generate` take. Every checkpoint and
 weights folder also holds `model_args.json` (and `lora.json` for LoRA runs) and the run's tokenizer
 files, so the tools can read it alone.
 """
@@ -43,8 +44,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
-from dtcollie.dcp_weights import (check_shapes, checkpoint_shapes, dcp_load, first_names, model_state_dict, one_line,
-                                  read_checkpoint_metadata, single_process_dcp, write_manifest)
+from dtcollie.dcp_weights import (check_shapes, checkpoint_shapes, dcp_load, first_failure, first_names,
+                                  model_state_dict, one_line, read_checkpoint_metadata, single_process_dcp,
+                                  write_manifest)
 from dtcollie.config import Checkpoint as CheckpointConfig
 from dtcollie.errors import CheckpointError, describe_os_error
 
@@ -160,9 +162,7 @@ class Checkpointer:
         try:
             yield
         except (OSError, RuntimeError, CheckpointException) as err:
-            inner = err
-            if isinstance(err, CheckpointException) and err.failures:
-                inner = next(iter(err.failures.values()))[0]
+            _, inner = first_failure(err)
             if isinstance(inner, OSError):
                 reason = describe_os_error(inner)
             elif shutil.disk_usage(partial.parent).free < needed:
@@ -208,8 +208,8 @@ class Checkpointer:
         foreign = [name for name in shapes if name not in names and not name.startswith("rng.")]
         if foreign:
             raise CheckpointError(f"checkpoint {folder} holds entries this run has no place for: "
-                                  f"{first_names(foreign)}; it was "
-                                  f"saved with another optimizer, LoRA setting or model, which a resume must keep")
+                                  f"{first_names(foreign)}; it was saved with another optimizer, LoRA setting or "
+                                  f"model, which a resume must keep")
 
     def _publish(self, partial: Path, final: Path) -> None:
         """Make a complete checkpoint visible, then drop the oldest beyond keep_latest_k (rank 0)."""

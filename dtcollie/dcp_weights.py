@@ -9,10 +9,11 @@ checkpoint cannot run code; DCP itself reads tensor data with `torch.load(weight
 only tensors are ever requested because the keys are checked against the model first.
 
 Every folder dtcollie writes also lists DCP's files in it (`.metadata`, `*.distcp`) and their sizes
-in `files.json`, written once the folder is complete; readers check it first, so a truncated or missing file is named before DCP
-reads anything. Corruption DCP meets while reading (a garbled pickle, short data) becomes a
-CheckpointError naming the folder too. (The sizes catch truncation; changed bytes inside a tensor's
-data are not detectable without checksums, which would cost a full read of every checkpoint.)
+in `files.json`, written once the folder is complete; readers check it first, so a truncated or
+missing file is named before DCP reads anything. Corruption DCP meets while reading (a garbled
+pickle, short data) becomes a CheckpointError naming the folder too. (The sizes catch truncation;
+changed bytes inside a tensor's data are not detectable without checksums, which would cost a full
+read of every checkpoint.)
 """
 
 import contextlib
@@ -201,13 +202,23 @@ def check_manifest(folder: Path) -> None:
                                   f"{size:,}: it is truncated or was changed")
 
 
+def first_failure(err: BaseException) -> tuple[int | None, BaseException]:
+    """(rank, exception) of the lowest failing rank of DCP's CheckpointException, which gathers every
+    rank's; (None, err) for any other exception."""
+    if isinstance(err, CheckpointException) and err.failures:
+        rank = min(err.failures)
+        return rank, err.failures[rank][0]
+    return None, err
+
+
 def one_line(err: BaseException) -> str:
     """An exception as one line: DCP's CheckpointException by the first failing rank's exception."""
-    if isinstance(err, CheckpointException) and err.failures:
-        rank, (inner, _) = next(iter(sorted(err.failures.items(), key=lambda item: item[0])))
+    rank, inner = first_failure(err)
+    if rank is not None:
         return f"rank {rank}: {one_line(inner)}"
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= 300 else text[:300] + "..."
+
 
 def checkpoint_shapes(metadata: Metadata) -> dict[str, tuple | None]:
     """Key -> global shape for tensors, None for anything else stored."""

@@ -70,9 +70,9 @@ def environment_errors_as_user_errors():
     except OSError as err:
         raise UserError(describe_os_error(err)) from None
     except (MemoryError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        out_of_memory = isinstance(err, MemoryError) or "out of memory" in first.lower() \
-            or "can't allocate memory" in first
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        out_of_memory = (isinstance(err, MemoryError) or "out of memory" in first.lower()
+                         or "can't allocate memory" in first)
         if not out_of_memory:
             raise
         raise UserError(f"out of memory ({first[:200]}); {OUT_OF_MEMORY_FIX}") from None

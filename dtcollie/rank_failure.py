@@ -11,10 +11,10 @@ and leaves with `os._exit`. Its sockets close with it, so a peer inside a gloo c
 within milliseconds, and torchrun sends the others SIGTERM about 0.1 s after a rank exits
 non-zero (a Python handler runs between bytecodes: a rank inside a long C call answers when it
 returns; inside the training loop, StopFlag takes SIGTERM as "stop after this step" and the step's
-next collective fails instead). Whichever reaches a rank first, it prints `error: rank R failed: <message>; this rank (S)
-stopped` and exits 2 when that failure was a user error, 1 otherwise. Under torchrun the store
-lives in torchrun's agent and outlives the failed rank; where rank 0 hosts it (a plain env://
-launch) and rank 0 failed, the others say "another rank failed".
+next collective fails instead). Whichever reaches a rank first, it prints `error: rank R failed:
+<message>; this rank (S) stopped` and exits 2 when that failure was a user error, 1 otherwise.
+Under torchrun the store lives in torchrun's agent and outlives the failed rank; where rank 0
+hosts it (a plain env:// launch) and rank 0 failed, the others say "another rank failed".
 """
 
 import json

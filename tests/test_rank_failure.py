@@ -86,7 +86,8 @@ def test_a_user_error_on_one_rank_ends_both_with_one_line_each(tmp_path):
     result, lines, seconds = launch(tmp_path, 1, CORRUPT_TEXT)
     own = assert_one_error_line(lines[1])
     assert re.fullmatch(r"error: \S+corrupt\.txt is not UTF-8 text \(.*\); convert it to UTF-8", own)
-    assert assert_one_error_line(lines[0]) == f"error: rank 1 failed: {own.removeprefix('error: ')}; this rank (0) stopped"
+    failed = own.removeprefix("error: ")
+    assert assert_one_error_line(lines[0]) == f"error: rank 1 failed: {failed}; this rank (0) stopped"
     assert result.returncode != 0
     assert exit_codes(result.stderr) == [2, 2], result.stderr
     assert seconds < 30

@@ -24,7 +24,7 @@ from dtcollie.dcp_weights import (MANIFEST_FILE, check_shapes, load_weights_as_s
 from dtcollie.errors import CheckpointError, ConfigError, shown
 from dtcollie.models.hf_files import (GENERATION_CONFIG, TOKENIZER_FILES, copy_generation_config,
                                       copy_tokenizer_files, export_tokenizer, write_side_files)
-from dtcollie.models.llama import FAMILIES, ModelArgs, Transformer, is_finite_number
+from dtcollie.models.llama import FAMILIES, ROPE_SCALING_KEYS, ModelArgs, Transformer, is_finite_number
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -43,7 +43,7 @@ assert tuple(HF_FAMILIES) == FAMILIES
 HF_DEFAULT_ROPE_THETA = 10000.0  # every supported family's transformers default
 HF_DEFAULTED_KEYS = ("head_dim", "max_position_embeddings", "rms_norm_eps", "sliding_window", "tie_word_embeddings")
 HF_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
+LLAMA3_KEYS = ROPE_SCALING_KEYS[:3]  # read from the config; the context falls back to max_position_embeddings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     not_int = [key for key in (*HF_SHAPE_KEYS, "num_key_value_heads", "head_dim", "max_position_embeddings",
                                "sliding_window") if cfg.get(key) is not None and type(cfg[key]) is not int]
     if not_int:
-        raise ConfigError(f"HF config {not_int[0]} must be an integer, got {cfg[not_int[0]]!r}")
+        raise ConfigError(f"HF config {not_int[0]} must be an integer, got {shown(cfg[not_int[0]])}")
     dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
     n_kv_heads = cfg.get("num_key_value_heads") or n_heads
     if n_kv_heads > 0 and n_heads % n_kv_heads:
@@ -95,8 +95,8 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
             head_dim=0 if head_dim * n_heads == dim else head_dim,  # 0 means "derived", as in FLAVORS
             vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"],
             norm_eps=_hf_number(cfg["rms_norm_eps"], "rms_norm_eps"), rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            max_seq_len=max_seq_len, tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rope_scaling=rope_scaling, max_seq_len=max_seq_len,
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
             sliding_window=(cfg.get("sliding_window") or 0) if family == "mistral" else 0, family=family)
     except ConfigError as err:

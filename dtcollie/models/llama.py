@@ -95,7 +95,8 @@ def check_model_args(args: ModelArgs) -> None:
     if not args.head_dim and args.dim % args.n_heads:
         raise ConfigError(f"dim = {args.dim} is not a multiple of n_heads = {args.n_heads} (and head_dim is unset)")
     if args.attention_head_dim % 2:
-        raise ConfigError(f"the head dimension {args.attention_head_dim} is odd; RoPE rotates pairs, so it must be even")
+        raise ConfigError(f"the head dimension {args.attention_head_dim} is odd; RoPE rotates pairs, so it "
+                          f"must be even")
     for name in ("norm_eps", "rope_theta"):
         value = getattr(args, name)
         if not (is_finite_number(value) and value > 0):
@@ -119,6 +120,8 @@ def check_rope_scaling(scaling: dict) -> None:
     if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
         raise ConfigError(f"rope_scaling high_freq_factor = {scaling['high_freq_factor']} must exceed "
                           f"low_freq_factor = {scaling['low_freq_factor']}")
+
+
 LLAMA3_ROPE_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                        "original_max_position_embeddings": 8192}
 LLAMA3_2_ROPE_SCALING = {**LLAMA3_ROPE_SCALING, "factor": 32.0}

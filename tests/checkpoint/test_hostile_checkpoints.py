@@ -27,7 +27,7 @@ def saved_run(tmp_path_factory) -> Path:
     """A 2-step AdamW run with checkpoints step-1 and step-2, trained on a copy of the shipped text."""
     folder = tmp_path_factory.mktemp("saved_run")
     text = folder / "text.txt"
-    text.write_text(Path("dtcollie/assets/text").glob("*.txt").__next__().read_text())
+    text.write_text(next(Path("dtcollie/assets/text").glob("*.txt")).read_text())
     Trainer(job(folder / "run", STEPS + [("data.train_files", str(text))])).train()
     return folder
 
