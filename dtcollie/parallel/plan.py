@@ -149,6 +149,7 @@ def plan_rank(spec: RunSpec, rank: int) -> dict:
     grad_bytes = max(trainable, default=0) if optimizer.fused else sum(trainable)
     state_bytes = optimizer.state_copies * sum(trainable)
     gathered = gathered_bytes(cfg, model)
+    compute = compute_dtype(cfg.training.mixed_precision)
     return {
         "rank": rank,
         "pp_rank": rank // (dims.world_size // dims.pp),
@@ -162,6 +163,10 @@ def plan_rank(spec: RunSpec, rank: int) -> dict:
         "optimizer_bytes": state_bytes,
         "gathered_bytes": gathered,
         "total_bytes": param_bytes + grad_bytes + state_bytes + gathered,
+        # Every FSDP unit gathered, and whole (TP-local) gradients, in the compute dtype: what a
+        # pipeline schedule holds unsharded during a step (dtcollie.planner.memory).
+        "unit_bytes": sum(gathered_units(model, compute)),
+        "unsharded_grad_bytes": sum(tp_local_numel(p) for p in params if p.requires_grad) * compute.itemsize,
     }
 
 
