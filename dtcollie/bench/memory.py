@@ -62,6 +62,7 @@ class MemoryMeter:
     def __init__(self, method: str):
         self.method = method
         self.peak_bytes = None
+        self.start_bytes = None  # allocator method: in use when the counted part began
         self._profiler = None
 
     def __enter__(self) -> "MemoryMeter":
@@ -97,7 +98,8 @@ class MemoryMeter:
         if self._profiler is not None:
             self._profiler.__exit__(*exc)
             if exc[0] is None:
-                self.peak_bytes = allocator_peak(self._profiler.profiler.kineto_results.events(), STEPS_LABEL)
+                self.start_bytes, self.peak_bytes = allocator_window(self._profiler.profiler.kineto_results.events(),
+                                                                     STEPS_LABEL)
 
 
 def _reset_resident_high_water_mark() -> bool:
@@ -109,9 +111,9 @@ def _reset_resident_high_water_mark() -> bool:
         return False
 
 
-def allocator_peak(events, label: str) -> int:
-    """Highest running sum of the CPU allocator's allocations (+) and frees (-) while the `label`
-    annotation ran, counted from the first recorded event (the baseline)."""
+def allocator_window(events, label: str) -> tuple[int, int]:
+    """(running sum when the `label` annotation began, its highest while it ran) of the CPU
+    allocator's allocations (+) and frees (-), counted from the first recorded event (the baseline)."""
     window = next(event for event in events if event.name() == label)
     changes = sorted((event.start_ns(), event.nbytes()) for event in events
                      if event.name() == "[memory]" and event.device_type() == DeviceType.CPU)
@@ -120,11 +122,11 @@ def allocator_peak(events, label: str) -> int:
         if time_ns > window.end_ns():
             break
         if time_ns >= window.start_ns() and peak is None:
-            peak = in_use  # in use when the steps began
+            start = peak = in_use  # in use when the steps began
         in_use += nbytes
         if peak is not None:
             peak = max(peak, in_use)
-    return in_use if peak is None else peak
+    return (in_use, in_use) if peak is None else (start, peak)
 
 
 def measure(spec: BenchSpec, method: str) -> int | None:
