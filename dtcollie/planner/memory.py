@@ -19,6 +19,7 @@ there by up to the gradients.
 """
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.distributed as dist
@@ -83,15 +84,20 @@ def schedule_actions(spec: RunSpec, pp_rank: int) -> list[tuple[int, str]]:
     """(stage, action) in the order torch's schedule runs them on this pipeline rank: "F" forward,
     "B" full backward, "I"/"W" zero-bubble input/weight backward (others are communication)."""
     parallelism = spec.cfg.parallelism
-    num_stages = spec.dims.pp * parallelism.pp_stages_per_rank
-    with fake_process_group(pp_rank, spec.dims.pp):
+    return pipeline_order(parallelism.pp_schedule, spec.dims.pp, parallelism.pp_stages_per_rank,
+                          spec.pp_microbatches, pp_rank)
+
+
+@lru_cache(maxsize=None)
+def pipeline_order(schedule: str, pp: int, stages_per_rank: int, n_microbatches: int,
+                   pp_rank: int) -> list[tuple[int, str]]:
+    num_stages = pp * stages_per_rank
+    with fake_process_group(pp_rank, pp):
         stages = [PipelineStage(nn.Identity(), stage, num_stages, torch.device("cpu"), group=dist.group.WORLD)
-                  for stage in stage_indices(pp_rank, spec.dims.pp, parallelism.pp_stages_per_rank,
-                                             parallelism.pp_schedule)]
-        schedule_class = SCHEDULES[parallelism.pp_schedule]
-        schedule = schedule_class(stages[0] if parallelism.pp_schedule in SINGLE_STAGE_SCHEDULES else stages,
-                                  n_microbatches=spec.pp_microbatches, loss_fn=lambda *args: None)
-        order = schedule.pipeline_order[pp_rank]
+                  for stage in stage_indices(pp_rank, pp, stages_per_rank, schedule)]
+        schedule_object = SCHEDULES[schedule](stages[0] if schedule in SINGLE_STAGE_SCHEDULES else stages,
+                                              n_microbatches=n_microbatches, loss_fn=lambda *args: None)
+        order = schedule_object.pipeline_order[pp_rank]
     return [(action.stage_index, action.computation_type.value) for action in order if action is not None]
 
 
@@ -148,11 +154,25 @@ def step_gradient_bytes(spec: RunSpec, row: dict) -> int:
     return row["grad_bytes"]
 
 
+_plans: dict[str, dict] = {}
+
+
+def cached_plan_rank(spec: RunSpec, rank: int) -> dict:
+    """`plan_rank`, once per parameter layout: micro-batches and checkpointing do not change it."""
+    cfg = spec.cfg
+    parallelism = {**vars(cfg.parallelism), "pp_microbatches": None}
+    key = repr((spec.dims, parallelism, cfg.optimizer.name, cfg.peft, cfg.training.mixed_precision, spec.model_args,
+                spec.wraps_fsdp, rank))
+    if key not in _plans:
+        _plans[key] = plan_rank(spec, rank)
+    return dict(_plans[key])
+
+
 def estimate_rank(spec: RunSpec, rank: int) -> dict:
     """`plan_rank`'s parameter plan of `rank` with its activations and buffers; total is the peak:
     parameters, optimizer state, buffers and gathered units, plus the most activations and
     gradients hold together (gradients are created while activations are freed)."""
-    row = plan_rank(spec, rank)
+    row = cached_plan_rank(spec, rank)
     grads = step_gradient_bytes(spec, row)
     row["activation_bytes"], moving = activation_timeline(spec, row["pp_rank"], row["stages"], grads)
     row["buffer_bytes"] = buffer_bytes(spec, row["stages"])

@@ -26,13 +26,10 @@ from spawn import run_ranks  # noqa: E402
 TOLERANCE = 0.10
 # name: (world size, overrides); the debug model (8 blocks, dim 128, vocab 2048), seq 128, fp32 AdamW.
 LAYOUTS = {
-    "1 process, accumulation 2": (1, ["--training.micro_batch_size", "4"]),
     "1 process, full AC": (1, ["--activation_checkpoint.mode", "full"]),
     "1 process, selective AC, accumulation 4": (1, ["--activation_checkpoint.mode", "selective",
                                                     "--training.micro_batch_size", "2"]),
     "tp 2, sequence parallel": (2, ["--parallelism.tp", "2"]),
-    "tp 2, no sequence parallel, selective AC": (2, ["--parallelism.tp", "2", "--parallelism.sequence_parallel", "false",
-                                                     "--activation_checkpoint.mode", "selective"]),
     "dp_shard 2, full AC": (2, ["--parallelism.dp_shard", "2", "--training.global_batch_size", "16",
                                 "--activation_checkpoint.mode", "full"]),
     "pp 2, 1F1B, accumulation 2": (2, ["--parallelism.pp", "2", "--training.micro_batch_size", "4"]),
