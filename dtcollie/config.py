@@ -415,6 +415,24 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]
     return config_path, overrides
 
 
+def read_toml_file(path: Path, what: str) -> dict:
+    """The TOML table in `path`; anything unreadable is one ConfigError naming `what` and the path."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder; give the .toml file in it") from None
+    except OSError as err:
+        raise ConfigError(f"{what} {path} cannot be read ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{what} {path} is not valid TOML: {err}") from None
+    except (ValueError, RecursionError) as err:  # an integer past 4300 digits, nesting past the stack
+        raise ConfigError(f"{what} {path} cannot be read: {str(err).split(':')[0] or 'nested too deeply'}") from None
+
+
 def load(path: str | None = None, overrides: list[tuple[str, str]] = ()) -> JobConfig:
     """Defaults, then the TOML file, then command-line overrides; checked. Input paths are resolved
     (see `resolve_path`): the file's from its folder, the overrides' from the working directory."""
@@ -424,21 +442,7 @@ def load(path: str | None = None, overrides: list[tuple[str, str]] = ()) -> JobC
         for f in dataclasses.fields(section):
             setattr(section, f.name, _resolved(getattr(section, f.name), f.metadata["path"], Path.cwd()))
     if path:
-        try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except IsADirectoryError:
-            raise ConfigError(f"config file {path} is a folder; give the .toml file in it") from None
-        except OSError as err:
-            raise ConfigError(f"config file {path} cannot be read ({err.strerror})") from None
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
-        except (ValueError, RecursionError) as err:  # an integer past 4300 digits, nesting past the stack
-            raise ConfigError(f"config file {path} cannot be read: {str(err).split(':')[0] or 'nested too deeply'}"
-                              ) from None
+        data = read_toml_file(Path(path), "config file")
         for section_name, table in data.items():
             if not isinstance(table, dict):
                 raise ConfigError(f"top-level key {section_name} in {path} must be a [section]")

@@ -8,10 +8,10 @@ the published figures. Every problem with a file is one `ConfigError` line namin
 
 import difflib
 import math
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from dtcollie.config import read_toml_file
 from dtcollie.errors import ConfigError, shown
 
 PROFILE_FOLDER = Path(__file__).resolve().parent / "hardware"
@@ -76,21 +76,7 @@ def read_profile(path: Path) -> Hardware:
 
 
 def read_toml(path: Path) -> dict:
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"hardware profile {path} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"hardware profile {path} is a folder; give the .toml file in it") from None
-    except OSError as err:
-        raise ConfigError(f"hardware profile {path} cannot be read ({err.strerror})") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"hardware profile {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"hardware profile {path} is not valid TOML: {err}") from None
-    except (ValueError, RecursionError) as err:  # an integer past 4300 digits, nesting past the stack
-        raise ConfigError(f"hardware profile {path} cannot be read: {str(err).split(':')[0] or 'nested too deeply'}"
-                          ) from None
+    return read_toml_file(path, "hardware profile")
 
 
 def check_value(path: Path, name: str, value, kind: type) -> None:

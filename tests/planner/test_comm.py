@@ -6,9 +6,9 @@ second `train_step` (`CollectiveCounter`); every rank's count, per (mesh dim, ki
 does one-off work a steady step does not: a pipeline stage infers its shapes with an extra forward
 and backward and exchanges their metadata, and FSDP initialises lazily.
 
-A custom shape joins the debug flavor so that more of the formulas can fail: its FFN width 382 makes
-FSDP pad dim 0 (382 / 4 and 191 / 2 shards), and it ties the embeddings and has q/k/v biases and q/k
-norms (replicated tp weights with partial gradients).
+Two model shapes: a plain one, and one that ties the embeddings (a pipeline exchanges their
+gradients) and has q/k/v biases and q/k norms (replicated tp weights with partial gradients), so
+that more of the formulas can fail.
 """
 
 import json
@@ -31,25 +31,26 @@ from spawn import run_ranks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 4
-SHAPE = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=0, hidden_dim=382, max_seq_len=2048,
-             tie_embeddings=True, qkv_bias=True, qk_norm=True)
-CUSTOM = "custom"  # stands for the model.args_path of SHAPE, written per run
-CASES = {  # name: overrides; micro-batch counts per step in the comments
-    "fsdp4_accumulate": {"model.args_path": CUSTOM, "training.micro_batch_size": "1",
-                         "training.global_batch_size": "8"},  # 2 micro-batches: a reduce-scatter each
-    "hsdp2x2_bf16_no_reshard": {"parallelism.dp_replicate": "2", "training.mixed_precision": "bf16",
+# Model shapes (model.args_path files, written per run), smaller than the debug flavor to save time.
+# An FFN width of 382 makes FSDP pad dim 0 (382 / 4 and 191 / 2 shards).
+PLAIN = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=0, hidden_dim=382, max_seq_len=2048)
+SHAPES = {"plain": PLAIN, "tied": {**PLAIN, "n_layers": 4, "tie_embeddings": True, "qkv_bias": True, "qk_norm": True}}
+CASES = {  # name: the model shape and overrides
+    "fsdp4_accumulate": {"model": "plain", "training.micro_batch_size": "1",
+                         "training.global_batch_size": "8"},  # 2 micro-batches: FSDP reduces each
+    "hsdp2x2_bf16_no_reshard": {"model": "plain", "parallelism.dp_replicate": "2", "training.mixed_precision": "bf16",
                                 "parallelism.fsdp_reshard_after_forward": "false",
                                 "training.micro_batch_size": "1", "training.global_batch_size": "4"},
-    "dp2_tp2_sp_selective_ac": {"model.args_path": CUSTOM, "parallelism.tp": "2",
+    "dp2_tp2_sp_selective_ac": {"model": "tied", "parallelism.tp": "2",
                                 "activation_checkpoint.mode": "selective", "training.micro_batch_size": "1",
                                 "training.global_batch_size": "2"},
-    "dp2_tp2_no_sp_no_lp_full_ac": {"model.args_path": CUSTOM, "parallelism.tp": "2",
+    "dp2_tp2_no_sp_no_lp_full_ac": {"model": "tied", "parallelism.tp": "2",
                                     "parallelism.sequence_parallel": "false", "parallelism.loss_parallel": "false",
                                     "activation_checkpoint.mode": "full", "training.micro_batch_size": "2",
                                     "training.global_batch_size": "4"},
-    "dp2_pp2_1f1b_accumulate": {"model.args_path": CUSTOM, "parallelism.pp": "2", "parallelism.pp_schedule": "1F1B",
+    "dp2_pp2_1f1b_accumulate": {"model": "tied", "parallelism.pp": "2", "parallelism.pp_schedule": "1F1B",
                                 "training.micro_batch_size": "2", "training.global_batch_size": "8"},
-    "tp2_pp2_interleaved_bf16": {"model.args_path": CUSTOM, "parallelism.pp": "2", "parallelism.tp": "2",
+    "tp2_pp2_interleaved_bf16": {"model": "tied", "parallelism.pp": "2", "parallelism.tp": "2",
                                  "parallelism.pp_schedule": "Interleaved1F1B", "parallelism.pp_stages_per_rank": "2",
                                  "parallelism.pp_microbatches": "2",
                                  "training.mixed_precision": "bf16", "training.micro_batch_size": "2",
@@ -61,8 +62,7 @@ def job_config(name: str, folder: Path) -> config.JobConfig:
     overrides = {"training.seq_len": "16", "training.eval_interval": "0", "metrics.enable_tensorboard": "false",
                  "checkpoint.save_weights": "false", "data.train_files": str(folder / "text.txt"),
                  "job.dump_folder": str(folder / name), **CASES[name]}
-    if overrides.get("model.args_path") == CUSTOM:
-        overrides["model.args_path"] = str(folder / "model_args.json")
+    overrides["model.args_path"] = str(folder / f"{overrides.pop('model')}.json")
     return config.load(str(REPO / "train_configs" / "debug.toml"), list(overrides.items()))
 
 
@@ -91,7 +91,8 @@ def folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("comm")
     # A slice of the shipped text: tokenizing the whole corpus would take most of the test's time.
     (folder / "text.txt").write_text((REPO / "dtcollie/assets/text/persuasion.txt").read_text()[:30000])
-    (folder / "model_args.json").write_text(json.dumps(SHAPE))
+    for name, shape in SHAPES.items():
+        (folder / f"{name}.json").write_text(json.dumps(shape))
     return folder
 
 
