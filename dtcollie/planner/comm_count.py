@@ -10,6 +10,8 @@ torch's `CommDebugMode` counts ops too, but records neither sizes nor groups, no
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
+# Private: a functional collective names its group only by string, and torch has no public lookup.
+# (dtcollie.torch_private collects such calls; this one belongs there.)
 from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -73,7 +75,7 @@ class CollectiveCounter(TorchDispatchMode):
         if func in OPS:
             kind, buffer, group = OPS[func]
             self.record(kind, nbytes(out if buffer == "out" else args[buffer]), args[group])
-        elif func.namespace in ("c10d", "_c10d_functional") and func not in QUIET:
+        elif getattr(func, "namespace", None) in ("c10d", "_c10d_functional") and func not in QUIET:
             self.collectives.append(Collective("unknown", str(func), 0, 0))
         return out
 

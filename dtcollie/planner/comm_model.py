@@ -27,7 +27,8 @@ from dtcollie.precision import accumulation_dtype, compute_dtype
 from dtcollie.run_spec import RunSpec
 
 MODELLED_OPTIMIZERS = ("adamw",)
-# Zero-bubble schedules split backward into input and weight passes, which FSDP sees differently.
+# Zero-bubble schedules split backward into input and weight passes, which FSDP sees differently (and
+# under ZBVZeroBubble with FSDP torch 2.13 never reduces the last stage's gradients: not a model's job).
 MODELLED_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B")
 LOSS_PARALLEL_REDUCTIONS = 3  # max, sum of exp, target logit: torch's vocab-parallel cross-entropy
 COLWISE_INPUTS = 5  # wq, wk, wv, w1, w3: each column-parallel projection sums its input's gradient itself
@@ -274,7 +275,8 @@ def pipeline_collectives(step: Step) -> list[Collective]:
     """Per pass and stage boundary this rank's stages share with another rank: the hidden states
     forward and their gradient back, rows x seq x dim x param bytes each, seq = seq_len / tp under
     sequence parallel (a stage hands on its local sequence shard). A stage whose neighbour sits on
-    this rank (the V schedule) passes it in memory."""
+    this rank (the V schedule) passes it in memory; keyword inputs (packed rows' positions) reach
+    every stage from the schedule, not over the wire."""
     if step.dims.pp == 1:
         return []
     tp, seq = step.dims.tp, step.spec.cfg.training.seq_len
