@@ -137,8 +137,7 @@ def buffer_bytes(spec: RunSpec, stage_ids: list[int]) -> int:
     tables = len(stage_ids) * 2 * args.max_seq_len * args.attention_head_dim * 4
     if num_stages == 1:
         return tables
-    seq = shape.seq_len // shape.tp if shape.sequence_parallel else shape.seq_len
-    boundary = shape.micro_batch * seq * args.dim * shape.compute_dtype.itemsize
+    boundary = shape.micro_batch * shape.boundary_seq * args.dim * shape.compute_dtype.itemsize
     ends = sum((stage > 0) + (stage < num_stages - 1) for stage in stage_ids)
     return tables + ends * spec.pp_microbatches * boundary
 

@@ -94,6 +94,11 @@ class ProbeShape:
     seq_len: int
     lora: LoRAConfig | None  # when LoRA trains adapters only
 
+    @property
+    def boundary_seq(self) -> int:
+        """Tokens per row of the hidden states a pipeline stage hands on: its sequence shard under SP."""
+        return self.seq_len // self.tp if self.sequence_parallel else self.seq_len
+
 
 @dataclass(frozen=True)
 class ProbeResult:
@@ -124,14 +129,13 @@ def run_probe(shape: ProbeShape, kind: str, blocks: int, checkpointed: bool, mes
         apply_tensor_parallel(part, mesh["tp"], shape.sequence_parallel, shape.loss_parallel)
     apply_activation_checkpointing(part, "full" if checkpointed else "none", 1)
     batch, seq = shape.micro_batch, shape.seq_len
-    local_seq = seq // shape.tp if shape.tp > 1 and shape.sequence_parallel else seq
     with MemoryTracker() as tracker:
         part.to_empty(device="cpu")
         part.init_rope()
         if kind in ("whole", "first"):
             inputs = torch.zeros(batch, seq, dtype=torch.long)
         else:  # the hidden states a pipeline stage receives (sequence-sharded under SP)
-            inputs = torch.zeros(batch, local_seq, shape.args.dim, dtype=shape.compute_dtype, requires_grad=True)
+            inputs = torch.zeros(batch, shape.boundary_seq, shape.args.dim, dtype=shape.compute_dtype, requires_grad=True)
         labels = torch.zeros(batch, seq, dtype=torch.long)
         for _ in range(2):  # the first pass creates the gradients; the second is measured
             before = tracker.in_use

@@ -9,7 +9,6 @@ the trainer would refuse is rejected with the trainer's reason; one over the mem
 its need; the rest are ranked by estimated tokens per GPU per second.
 """
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -108,7 +107,7 @@ def step_flops(spec) -> tuple[float, float]:
     if key not in _non_embedding:
         with torch.device("meta"):
             model = Transformer(args)
-        _non_embedding[key] = count_parameters(model) - model.tok_embeddings.weight.numel()
+        _non_embedding[key] = count_parameters(model, exclude_embedding=True)
     non_embedding = _non_embedding[key]
     tokens = training.global_batch_size * training.seq_len
     model_flops = flops_per_token(args, non_embedding, training.seq_len) * tokens
@@ -146,7 +145,7 @@ def plan_layouts(cfg: JobConfig, gpus: int, hw: Hardware, gpus_per_node: int) ->
         raise ConfigError(f"--gpus must be at least 1, got {gpus}")
     # Refuses a world that is no whole number of nodes, before any estimate.
     dim_links(ParallelDims(pp=1, dp_replicate=1, dp_shard=gpus, tp=1), gpus_per_node)
-    layouts = candidates(copy.deepcopy(cfg), gpus)
+    layouts = candidates(cfg, gpus)
     for layout in layouts:
         if not layout.rejected:
             evaluate(cfg, layout, hw, gpus_per_node)
