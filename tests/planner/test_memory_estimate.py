@@ -7,7 +7,7 @@ layout's second training step on gloo ranks and reads torch's CPU allocator. Eac
 pipeline stage is compared with that stage's estimate: total peak, and the part a step adds on top
 of what it starts with (activations, gradients, gathered units) — both within 10%.
 
-One process group of 2 spawned ranks runs every layout; the one-process layouts run on rank 0.
+Each two-rank layout runs in its own launch of 2 spawned ranks; the one-process layouts run on rank 0.
 """
 
 import sys
@@ -44,18 +44,21 @@ def job(overrides: list[str]) -> config.JobConfig:
                                                 *overrides]))
 
 
-def _measure_all(rank: int, world_size: int) -> dict:
-    measured = {name: measure_rank(job(overrides), world) for name, (world, overrides) in LAYOUTS.items()
-                if world == world_size}
-    if rank == 0:
-        measured.update({name: measure_rank(job(overrides), 1) for name, (world, overrides) in LAYOUTS.items()
-                         if world == 1})
-    return measured
+def _measure(rank: int, world_size: int, names: list[str]) -> dict:
+    return {name: measure_rank(job(LAYOUTS[name][1]), LAYOUTS[name][0]) for name in names
+            if rank < LAYOUTS[name][0]}
 
 
 @pytest.fixture(scope="module")
 def measured() -> list[dict]:
-    return run_ranks(2, _measure_all, timeout=300)
+    """Each rank's peaks by layout. Each two-rank layout gets a launch of its own: measured after
+    others in one process, the last one's peak came out 35% low (unexplained, see docs/planner.md)."""
+    ranks = [{}, {}]
+    one_process = [name for name, (world, _) in LAYOUTS.items() if world == 1]
+    for names in [[name] for name, (world, _) in LAYOUTS.items() if world == 2] + [one_process]:
+        for rank, values in enumerate(run_ranks(2, _measure, names, timeout=300)):
+            ranks[rank].update(values)
+    return ranks
 
 
 def estimated_rows(name: str) -> tuple[int, list[dict]]:
