@@ -55,7 +55,7 @@ class CheckpointError(UserError):
 
 
 OUT_OF_MEMORY_FIX = ("lower training.micro_batch_size or training.seq_len, set activation_checkpoint.mode = "
-                     "\"full\", or use more ranks (tools/plan_memory.py estimates a layout's memory)")
+                     "\"full\", or use more ranks (tools/plan.py --layout estimates a layout's memory)")
 
 
 @contextlib.contextmanager

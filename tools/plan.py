@@ -2,6 +2,11 @@
 
     python tools/plan.py --config train_configs/7b.toml --gpus 8 --gpus-per-node 8 --hardware a100_80g_nvlink
     python tools/plan.py --config FILE --gpus 16 --gpus-per-node 8 --hardware my_cluster.toml --json
+    python tools/plan.py --config train_configs/7b.toml --gpus 8 --layout
+
+With --layout, no search and no hardware: the config's own [parallelism] layout on --gpus ranks,
+each pipeline rank's parameters, gradients, optimizer state and gathered FSDP units from the real
+plan on a fake process group (dtcollie.parallel.plan), then its activations, buffers and peak.
 
 Per layout: peak memory per GPU (parameters, gradients, optimizer state, activations, buffers,
 gathered FSDP units: dtcollie.planner.memory), communication per step per mesh dim
@@ -16,21 +21,23 @@ import sys
 from dtcollie import config as config_module
 from dtcollie.cli import run_main
 from dtcollie.errors import ConfigError
+from dtcollie.parallel.plan import check_plan, format_plan, plan, planning_config
 from dtcollie.planner.hardware import load_hardware
+from dtcollie.planner.memory import estimate
 from dtcollie.planner.search import GIB, Layout, comm_bytes_by_dim, plan_layouts
 
-USAGE = ("usage: python tools/plan.py --config FILE --gpus N --gpus-per-node G --hardware NAME [--json] "
-         "[--top K] [--section.key value ...]")
+USAGE = ("usage: python tools/plan.py --config FILE --gpus N (--gpus-per-node G --hardware NAME [--json] "
+         "[--top K] | --layout) [--section.key value ...]")
 OWN_OPTIONS = {"--gpus": int, "--gpus-per-node": int, "--hardware": str, "--top": int}
 
 
-def split_options(argv: list[str]) -> tuple[dict, bool, list[str]]:
-    """This tool's options out of argv; the rest are config arguments."""
-    options, rest, as_json, i = {}, [], False, 0
+def split_options(argv: list[str]) -> tuple[dict, set, list[str]]:
+    """This tool's options and flags (--json, --layout) out of argv; the rest are config arguments."""
+    options, rest, flags, i = {}, [], set(), 0
     while i < len(argv):
         name, has_value, value = argv[i].partition("=")
-        if name == "--json":
-            as_json = True
+        if name in ("--json", "--layout"):
+            flags.add(name)
         elif name in OWN_OPTIONS:
             if not has_value:
                 if i + 1 >= len(argv):
@@ -43,10 +50,10 @@ def split_options(argv: list[str]) -> tuple[dict, bool, list[str]]:
         else:
             rest.append(argv[i])
         i += 1
-    for required in ("--gpus", "--gpus-per-node", "--hardware"):
+    for required in ("--gpus",) if "--layout" in flags else ("--gpus", "--gpus-per-node", "--hardware"):
         if required not in options:
             raise ConfigError(f"{required} is required; {USAGE}")
-    return options, as_json, rest
+    return options, flags, rest
 
 
 def memory_cells(layout: Layout) -> list[str]:
@@ -98,18 +105,32 @@ def nothing_fits(layouts: list[Layout], budget_gib: float) -> str:
             f"shorter training.seq_len or a lighter optimizer")
 
 
+def this_layout(cfg, gpus: int) -> str:
+    """The config's own layout: the parameter plan's table, then each pipeline rank's peak."""
+    rows = estimate(check_plan(planning_config(cfg), gpus))
+    lines = ["activations over the step's micro-batches (measured on fake tensors, dtcollie.planner.memory), "
+             "buffers and the peak they reach with the table above:",
+             "rank  acts GiB  buffers GiB  peak GiB"]
+    lines += [f"{row['rank']:<4}  {row['activation_bytes'] / GIB:8.2f}  {row['buffer_bytes'] / GIB:11.2f}  "
+              f"{row['total_bytes'] / GIB:8.2f}" for row in rows]
+    return format_plan(plan(cfg, gpus), cfg) + "\n\n" + "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     if "--help" in argv or "-h" in argv:
         print(__doc__.strip() + "\n\n" + USAGE)
         return
-    options, as_json, rest = split_options(argv)
-    hw = load_hardware(options["--hardware"])
+    options, flags, rest = split_options(argv)
     cfg = config_module.load(*config_module.parse_overrides(rest))
+    if "--layout" in flags:
+        print(this_layout(cfg, options["--gpus"]))
+        return
+    hw = load_hardware(options["--hardware"])
     layouts = plan_layouts(cfg, options["--gpus"], hw, options["--gpus-per-node"])
     fitting = [layout for layout in layouts if not layout.rejected]
     if not fitting:
         raise ConfigError(nothing_fits(layouts, hw.memory_gib - hw.reserved_gib))
-    if as_json:
+    if "--json" in flags:
         print(json.dumps([{"layout": layout.describe(), "micro_batch": layout.micro_batch, "ac": layout.ac,
                            "peak_bytes": layout.peak_bytes, "tgs": layout.tgs, "mfu": layout.mfu,
                            "step_s": layout.time.total_s, "comm_bytes": comm_bytes_by_dim(layout.collectives)}

@@ -253,5 +253,5 @@ def notes(cfg: JobConfig, dims: ParallelDims) -> list[str]:
                    ("; bf16 autocast caches a bf16 copy of the weights it uses" if precision == "bf16" else ""))
     if parallelism.fsdp_cpu_offload and dims.dp > 1:
         out.append("fsdp_cpu_offload = true: params, grads and optimizer state live in host memory, not on the GPU")
-    out.append("total = params + grads + state + gathered; activations are not included")
+    out.append("total = params + grads + state + gathered, before activations")
     return out

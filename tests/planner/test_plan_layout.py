@@ -1,4 +1,4 @@
-"""tools/plan_memory.py run as a user would: a separate process, its table, its exit codes."""
+"""tools/plan.py --layout run as a user would: a separate process, its tables, its exit codes."""
 
 import subprocess
 import sys
@@ -13,14 +13,15 @@ GIB = 1024 ** 3
 
 
 def run_plan(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "tools" / "plan_memory.py"), *map(str, args)],
+    return subprocess.run([sys.executable, str(REPO / "tools" / "plan.py"), "--layout", *map(str, args)],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
 
 
-def table(stdout: str) -> list[dict]:
-    """The table rows as dicts keyed by the header (columns are separated by two or more spaces)."""
+def table(stdout: str, first_column: str = "rank  pp") -> list[dict]:
+    """The rows of the table whose header starts with `first_column` as dicts keyed by the header
+    (columns are separated by two or more spaces)."""
     lines = stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("rank "))
+    start = next(i for i, line in enumerate(lines) if line.startswith(first_column))
     header = [cell for cell in lines[start].split("  ") if cell.strip()]
     header = [cell.strip() for cell in header]
     rows = []
@@ -34,7 +35,7 @@ def table(stdout: str) -> list[dict]:
 
 def test_7b_on_8_ranks_holds_an_eighth_of_the_model():
     # Every layout key given, so the test does not follow edits of 7b.toml's own layout.
-    done = run_plan("--config", "train_configs/7b.toml", "--world-size", "8", "--parallelism.tp", "2",
+    done = run_plan("--config", "train_configs/7b.toml", "--gpus", "8", "--parallelism.tp", "2",
                     "--parallelism.dp_shard", "-1", "--parallelism.pp", "1", "--parallelism.dp_replicate", "1")
     assert done.returncode == 0, done.stderr
     assert f"{LLAMA2_7B_PARAMS:,} parameters" in done.stdout
@@ -54,10 +55,14 @@ def test_7b_on_8_ranks_holds_an_eighth_of_the_model():
     # the final norm, in bf16.
     assert abs(float(row["gathered GiB"]) - (2 * 16000 * 4096 + 4096) * 2 / GIB) < 0.006
     assert abs(float(row["total GiB"]) - (16 * params + (2 * 16000 * 4096 + 4096) * 2) / GIB) < 0.006
+    # The second table adds activations: 7b.toml's micro-batch of 2 x 4096 tokens, selective AC.
+    (peak,) = table(done.stdout, "rank  acts")
+    assert peak["rank"] == "0" and float(peak["acts GiB"]) > 1.0
+    assert float(peak["peak GiB"]) > float(row["total GiB"]) + 1.0
 
 
 def test_lomo_with_bf16_weights_holds_two_bytes_per_parameter():
-    layout = ["--world-size", "8", "--parallelism.tp", "2", "--parallelism.dp_shard", "-1", "--parallelism.pp", "1",
+    layout = ["--gpus", "8", "--parallelism.tp", "2", "--parallelism.dp_shard", "-1", "--parallelism.pp", "1",
               "--parallelism.dp_replicate", "1"]
     master, bf16 = (run_plan("--config", "train_configs/7b_lomo.toml", *layout, "--training.mixed_precision", precision)
                     for precision in ("bf16", "bf16_weights"))
@@ -71,7 +76,7 @@ def test_lomo_with_bf16_weights_holds_two_bytes_per_parameter():
 
 
 def test_pipeline_layout_has_one_row_per_pipeline_rank():
-    done = run_plan("--config", "train_configs/7b.toml", "--world-size", "8", "--parallelism.tp", "4",
+    done = run_plan("--config", "train_configs/7b.toml", "--gpus", "8", "--parallelism.tp", "4",
                     "--parallelism.pp", "2", "--parallelism.dp_shard", "1", "--parallelism.dp_replicate", "1",
                     "--training.micro_batch_size", "2")
     assert done.returncode == 0, done.stderr
@@ -84,7 +89,7 @@ def test_pipeline_layout_has_one_row_per_pipeline_rank():
 
 
 def test_bad_world_size_is_one_error_line():
-    done = run_plan("--config", "train_configs/7b.toml", "--world-size", "6", "--parallelism.tp", "2",
+    done = run_plan("--config", "train_configs/7b.toml", "--gpus", "6", "--parallelism.tp", "2",
                     "--parallelism.dp_shard", "4")
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ") and "world size is 6" in done.stderr
@@ -92,8 +97,7 @@ def test_bad_world_size_is_one_error_line():
 
 
 def test_lomo_plan_has_no_state_and_one_gradient():
-    result = subprocess.run([sys.executable, "tools/plan_memory.py", "--config", "train_configs/7b_lomo.toml",
-                             "--world-size", "8"], capture_output=True, text=True, timeout=120)
+    result = run_plan("--config", "train_configs/7b_lomo.toml", "--gpus", "8")
     assert result.returncode == 0, result.stderr
     row = result.stdout.splitlines()[2].split()  # the rank-0 row; its last 5 cells are the GiB columns
     params_gib, grads_gib, state_gib, _, total_gib = map(float, row[-5:])
@@ -105,7 +109,7 @@ def test_lomo_plan_has_no_state_and_one_gradient():
 def test_lora_plan_counts_gradients_and_state_of_the_adapters_only():
     """llama3_2_1b_lora (tp 2, tied embeddings): the whole fp32 base per tp shard, but gradients and
     AdamW state only for the rank-16 adapters, a small fraction of it."""
-    done = run_plan("--config", "train_configs/llama3_2_1b_lora.toml", "--world-size", "2")
+    done = run_plan("--config", "train_configs/llama3_2_1b_lora.toml", "--gpus", "2")
     assert done.returncode == 0, done.stderr
     (row,) = table(done.stdout)
     params, grads, state = (float(row[key]) for key in ("params GiB", "grads GiB", "state GiB"))
